@@ -1,0 +1,178 @@
+"""Batched, differentiable Grad-CAM / Grad-CAM++ / CAM maps (SPEC §1).
+
+Pure tensor functions: they take the logits and the explained activations of one forward
+pass and return one map per (sample, target class). No hooks, no host synchronisation, no
+Python loop over samples or classes. Map arithmetic runs in at least float32 even under
+autocast.
+
+Shapes: ``A`` activations ``(B, K, h, w)``; ``logits`` ``(B, C)``; targets ``(B,)`` or ``(B, T)``
+(a negative target marks padding and gets an all-zero map); maps ``(B, h, w)`` or
+``(B, T, h, w)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+METHODS = ("cam", "gradcam", "gradcampp")
+
+
+# --------------------------------------------------------------------------- weights
+def gradcam_weights(grads: Tensor) -> Tensor:
+    """Grad-CAM channel weights ``w_k = mean_ij g_kij``: ``(B, T, K, h, w) -> (B, T, K)``."""
+    return grads.mean(dim=(-2, -1))
+
+
+def gradcampp_alpha(grads: Tensor, activation_sums: Tensor) -> Tensor:
+    """Grad-CAM++ ``alpha = g^2 / (2 g^2 + (sum_ab A) g^3)``, 0 where the denominator is 0.
+
+    ``grads`` ``(B, T, K, ...)``; ``activation_sums`` broadcastable to it, e.g. ``(B, 1, K, 1, 1)``.
+    No epsilon: CIFAR last-layer gradients are ~1e-3, so any fixed epsilon would bias alpha.
+    """
+    g2 = grads * grads
+    denom = 2.0 * g2 + activation_sums * g2 * grads
+    nonzero = denom != 0
+    # Double `where` keeps the gradient finite where the unused branch would divide by zero.
+    return torch.where(nonzero, g2 / torch.where(nonzero, denom, torch.ones_like(denom)), 0.0)
+
+
+def gradcampp_weights(grads: Tensor, activations: Tensor) -> Tensor:
+    """Grad-CAM++ weights ``w_k = sum_ij alpha_kij ReLU(g_kij)``.
+
+    ``grads`` ``(B, T, K, h, w)``, ``activations`` ``(B, K, h, w)`` -> ``(B, T, K)``.
+    """
+    sums = activations.sum(dim=(-2, -1))[:, None, :, None, None]
+    alpha = gradcampp_alpha(grads, sums)
+    return (alpha * F.relu(grads)).sum(dim=(-2, -1))
+
+
+def weighted_maps(weights: Tensor, activations: Tensor) -> Tensor:
+    """``ReLU(sum_k w_k A_k)``: ``(B, T, K)`` x ``(B, K, h, w)`` -> ``(B, T, h, w)``."""
+    return F.relu(torch.einsum("btk,bkhw->bthw", weights, activations))
+
+
+# --------------------------------------------------------------------------- gradients
+def class_gradients(
+    logits: Tensor, activations: Tensor, target: Tensor, create_graph: bool = False
+) -> Tensor:
+    """``dS^c / dA`` for every (sample, target) pair in one batched autograd call.
+
+    ``logits`` ``(B, C)``, ``activations`` ``(B, K, h, w)``, ``target`` ``(B, T)`` (negative =
+    padding, zero gradient) -> ``(B, T, K, h, w)``. Summing the selected logits over the batch
+    is exact because samples do not interact inside the head (eval-mode BN, no dropout).
+    """
+    valid = (target >= 0).to(logits.dtype)
+    index = target.clamp_min(0)
+    num_targets = target.shape[1]
+    if num_targets == 1:
+        selected = logits.gather(1, index)
+        (grads,) = torch.autograd.grad(
+            selected, activations, grad_outputs=valid, create_graph=create_graph
+        )
+        return grads.unsqueeze(1)
+    # (T, B, C) one-hot rows: autograd vmaps the backward over T in one call.
+    one_hot = F.one_hot(index.t(), logits.shape[1]).to(logits.dtype) * valid.t()[..., None]
+    (grads,) = torch.autograd.grad(
+        logits, activations, grad_outputs=one_hot, is_grads_batched=True, create_graph=create_graph
+    )
+    return grads.transpose(0, 1)
+
+
+# --------------------------------------------------------------------------- closed form
+def closed_form_weights(
+    linear_weight: Tensor, activations: Tensor, target: Tensor, method: str
+) -> Tensor:
+    """Channel weights ``(B, T, K)`` when the head is global-average-pool + linear.
+
+    There ``g_kij = W[c, k] / Z`` is constant over space, so Grad-CAM's weights are ``W[c] / Z``,
+    CAM's are ``W[c]``, and Grad-CAM++'s are ``Z * alpha_k * ReLU(g_k)`` with the scalar
+    ``alpha_k = g_k^2 / (2 g_k^2 + (sum_ab A_kab) g_k^3)``. No autograd call.
+    """
+    area = activations.shape[-2] * activations.shape[-1]
+    valid = (target >= 0).to(linear_weight.dtype)[..., None]
+    class_weights = linear_weight[target.clamp_min(0)] * valid  # (B, T, K)
+    if method == "cam":
+        return class_weights
+    grads = class_weights / area
+    if method == "gradcam":
+        return grads
+    sums = activations.sum(dim=(-2, -1))[:, None, :]
+    return area * gradcampp_alpha(grads, sums) * F.relu(grads)
+
+
+# --------------------------------------------------------------------------- entry point
+def _check_inputs(logits: Tensor, activations: Tensor, target: Tensor, method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"Unknown explanation method '{method}'; choose one of {METHODS}")
+    if activations.dim() != 4:
+        raise ValueError(f"activations must be (B, K, h, w), got shape {tuple(activations.shape)}")
+    if logits.dim() != 2 or logits.shape[0] != activations.shape[0]:
+        raise ValueError(
+            f"logits must be (B, C) with the activations' batch size {activations.shape[0]}, "
+            f"got shape {tuple(logits.shape)}"
+        )
+    if target.dim() not in (1, 2) or target.shape[0] != logits.shape[0]:
+        raise ValueError(f"target must be (B,) or (B, T), got shape {tuple(target.shape)}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+
+
+def explanation_maps(
+    logits: Tensor,
+    activations: Tensor,
+    target: Tensor,
+    method: str = "gradcampp",
+    create_graph: bool = False,
+    linear_weight: Tensor | None = None,
+) -> Tensor:
+    """Class-discriminative maps ``L^c`` (non-negative, unnormalised) for a batch.
+
+    Args:
+        logits: ``(B, C)`` pre-softmax scores, computed from ``activations``.
+        activations: ``(B, K, h, w)`` explained-layer activations (needs a graph to ``logits``
+            unless ``linear_weight`` is given).
+        target: ``(B,)`` or ``(B, T)`` class indices; negative entries are padding.
+        method: ``"gradcam"``, ``"gradcampp"`` or ``"cam"`` (needs ``linear_weight``).
+        create_graph: keep the graph so the maps can be backpropagated (second order).
+        linear_weight: ``(C, K)`` weight of a global-average-pool + linear head; enables the
+            closed form (no autograd call; ``logits`` are then not used).
+
+    Returns:
+        ``(B, h, w)`` for a ``(B,)`` target, ``(B, T, h, w)`` for a ``(B, T)`` target.
+    """
+    _check_inputs(logits, activations, target, method)
+    squeeze = target.dim() == 1
+    target = target.long().reshape(target.shape[0], -1)
+    dtype = torch.promote_types(activations.dtype, torch.float32)
+    acts = activations.to(dtype)
+    if linear_weight is not None:
+        weights = closed_form_weights(linear_weight.to(dtype), acts, target, method)
+    elif method == "cam":
+        raise ValueError(
+            "method='cam' needs a global-average-pool + linear head: pass linear_weight "
+            "(the model's cam_linear.weight), or use 'gradcam'"
+        )
+    else:
+        grads = class_gradients(logits, activations, target, create_graph).to(dtype)
+        weights = gradcam_weights(grads) if method == "gradcam" else gradcampp_weights(grads, acts)
+    maps = weighted_maps(weights, acts)
+    return maps[:, 0] if squeeze else maps
+
+
+def model_maps(
+    model: nn.Module,
+    logits: Tensor,
+    activations: Tensor,
+    target: Tensor,
+    method: str = "gradcampp",
+    create_graph: bool = False,
+    closed_form: bool = True,
+) -> Tensor:
+    """``explanation_maps`` for ``model``, in closed form when its head allows (``cam_linear``)."""
+    linear = getattr(model, "cam_linear", None) if closed_form else None
+    return explanation_maps(
+        logits, activations, target, method, create_graph,
+        linear_weight=None if linear is None else linear.weight,
+    )
