@@ -1,0 +1,15 @@
+"""Distillation losses: Hinton KD, attention transfer, and the interpretability loss."""
+
+from distill.losses.attention import attention_map, attention_transfer
+from distill.losses.interpret import INTERPRET_LOSSES, interpret_loss, map_cosine, match_size
+from distill.losses.kd import hinton_kd
+
+__all__ = [
+    "INTERPRET_LOSSES",
+    "attention_map",
+    "attention_transfer",
+    "hinton_kd",
+    "interpret_loss",
+    "map_cosine",
+    "match_size",
+]

@@ -1,0 +1,276 @@
+"""LightningModules: a plain classifier (teacher / student-alone) and the distiller.
+
+The distiller keeps the teacher frozen in eval mode (``requires_grad=False``, re-applied on
+every ``.train()``), runs its backbone under ``no_grad`` and gets its map from a first-order
+gradient through its head only (or in closed form). The student's map is differentiable
+(second order through the student's head). The optimizer holds the student's parameters only
+and the teacher's weights are kept out of the student's checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from distill.errors import ConfigError
+from distill.explain import METHODS, model_maps
+from distill.losses import INTERPRET_LOSSES, attention_transfer, hinton_kd, interpret_loss, map_cosine
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the student's loss terms (SPEC §2)."""
+
+    ce: float = 1.0
+    kd: float = 0.0
+    temperature: float = 4.0
+    at: float = 0.0  # beta of attention transfer (AT paper: 1000); the loss is beta/2 * AT
+    explain: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("ce", "kd", "at", "explain"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss weight '{name}' is {getattr(self, name)}; weights must be >= 0")
+        if self.temperature <= 0:
+            raise ConfigError(f"KD temperature must be > 0, got {self.temperature} (kd.temperature=4)")
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """How explanations enter training and evaluation."""
+
+    method: str | None = None  # None: no interpretability loss
+    loss: str = "paper"  # paper | normalized | cosine
+    target: str = "label"  # label | teacher_pred
+    eval_method: str = "gradcampp"  # maps compared at validation, whatever the training loss
+    closed_form: bool = True  # use the no-autograd closed form where the head allows it
+
+    def __post_init__(self) -> None:
+        if self.method is not None and self.method not in METHODS:
+            raise ConfigError(f"explain.method '{self.method}' is unknown; choose one of {METHODS}")
+        if self.eval_method not in METHODS:
+            raise ConfigError(f"explain.eval_method '{self.eval_method}' is unknown; choose one of {METHODS}")
+        if self.loss not in INTERPRET_LOSSES:
+            raise ConfigError(f"explain.loss '{self.loss}' is unknown; choose one of {INTERPRET_LOSSES}")
+        if self.target not in ("label", "teacher_pred"):
+            raise ConfigError(f"explain.target '{self.target}' is unknown; choose label or teacher_pred")
+
+
+class ClassifierModule(pl.LightningModule):
+    """Cross-entropy training of one network: the teacher, or the student alone."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        hparams: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.save_hyperparameters(hparams or {})
+        num_classes = model.num_classes
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.eval_metrics = nn.ModuleDict(
+            {stage: self._eval_metrics(num_classes) for stage in ("val", "test")}
+        )
+
+    def _eval_metrics(self, num_classes: int) -> MetricCollection:
+        return MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro"), "loss": MeanMetric()})
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        x, y = batch
+        logits = self.model(x)
+        metrics = self.eval_metrics[stage]
+        metrics["acc"].update(logits, y)
+        metrics["loss"].update(F.cross_entropy(logits, y))
+        self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, prog_bar=stage == "val")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def trainable_parameters(self):
+        return self.model.parameters()
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+class DistillModule(ClassifierModule):
+    """Student trained with CE + Hinton KD + attention transfer + interpretability loss."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        weights: LossWeights = LossWeights(),
+        explain: ExplainSettings = ExplainSettings(),
+        hparams: dict | None = None,
+    ) -> None:
+        super().__init__(student, optimizer, scheduler, hparams)
+        if teacher.num_classes != student.num_classes:
+            raise ConfigError(
+                f"teacher has {teacher.num_classes} classes but the student has "
+                f"{student.num_classes}: train both for the same data"
+            )
+        if weights.at > 0 and not (hasattr(student, "forward_groups") and hasattr(teacher, "forward_groups")):
+            raise ConfigError("kd=at needs models with forward_groups (the WRNs); use kd=hinton or kd=none")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.weights = weights
+        self.explain = explain
+        if weights.explain > 0 and explain.method is None:
+            raise ConfigError("explain.weight > 0 but explain.method is null: pick explain=gradcam|gradcampp")
+
+    def _eval_metrics(self, num_classes: int) -> MetricCollection:
+        metrics = super()._eval_metrics(num_classes)
+        metrics.add_metrics(
+            {
+                "teacher_acc": MulticlassAccuracy(num_classes, average="micro"),
+                "agreement": MeanMetric(),
+                "map_cosine": MeanMetric(),
+                "interpret": MeanMetric(),
+            }
+        )
+        return metrics
+
+    # ------------------------------------------------------------------ frozen teacher
+    def train(self, mode: bool = True) -> DistillModule:
+        super().train(mode)
+        self.teacher.eval()  # Lightning >= 2.2 no longer forces this; BN stats must not move
+        return self
+
+    def trainable_parameters(self):
+        return self.model.parameters()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+        checkpoint["teacher_excluded"] = True
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # The teacher is frozen and loaded from its own checkpoint: put its weights back.
+        if checkpoint.get("teacher_excluded"):
+            teacher_state = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+            checkpoint["state_dict"].update(teacher_state)
+
+    # ------------------------------------------------------------------ forward passes
+    def _features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        if self.weights.at > 0:
+            return model.forward_groups(x)
+        return model.forward_features(x), []
+
+    def _needs_head_grad(self, model: nn.Module, method: str | None) -> bool:
+        closed = self.explain.closed_form and getattr(model, "cam_linear", None) is not None
+        return method is not None and not closed
+
+    def teacher_forward(self, x: Tensor, method: str | None) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Teacher ``(features, logits, groups)``: backbone without a graph, head with one
+        (first order only) when ``method`` needs an autograd map."""
+        with torch.no_grad():
+            features, groups = self._features(self.teacher, x)
+        if not self._needs_head_grad(self.teacher, method):
+            with torch.no_grad():
+                return features, self.teacher.forward_head(features), groups
+        features = features.detach().requires_grad_(True)
+        with torch.enable_grad():
+            return features, self.teacher.forward_head(features), groups
+
+    def map_target(self, labels: Tensor, teacher_logits: Tensor) -> Tensor:
+        if self.explain.target == "teacher_pred":
+            return teacher_logits.detach().argmax(dim=1)
+        return labels
+
+    def maps(self, model: nn.Module, logits: Tensor, features: Tensor, target: Tensor, method: str,
+             create_graph: bool) -> Tensor:
+        return model_maps(model, logits, features, target, method, create_graph, self.explain.closed_form)
+
+    # ------------------------------------------------------------------ training
+    def loss_terms(self, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Unweighted loss terms and the student's logits for one batch."""
+        method = self.explain.method if self.weights.explain > 0 else None
+        t_features, t_logits, t_groups = self.teacher_forward(x, method)
+        s_features, s_groups = self._features(self.model, x)
+        s_logits = self.model.forward_head(s_features)
+        terms = {"ce": F.cross_entropy(s_logits, y)}
+        if self.weights.kd > 0:
+            terms["kd"] = hinton_kd(s_logits, t_logits.detach(), self.weights.temperature)
+        if self.weights.at > 0:
+            terms["at"] = attention_transfer(s_groups, t_groups)
+        if method is not None:
+            target = self.map_target(y, t_logits)
+            t_maps = self.maps(self.teacher, t_logits, t_features, target, method, False).detach()
+            s_maps = self.maps(self.model, s_logits, s_features, target, method, True)
+            terms["interpret"] = interpret_loss(s_maps, t_maps, self.explain.loss)
+        return terms, s_logits
+
+    def total_loss(self, terms: dict[str, Tensor]) -> Tensor:
+        w = self.weights
+        scale = {"ce": w.ce, "kd": w.kd, "at": w.at / 2, "interpret": w.explain}
+        return sum(scale[name] * value for name, value in terms.items())
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        terms, s_logits = self.loss_terms(x, y)
+        loss = self.total_loss(terms)
+        self.train_acc(s_logits, y)
+        self.log_dict({f"train/{name}": value for name, value in terms.items()})
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        x, y = batch
+        method = self.explain.eval_method
+        t_features, t_logits, _ = self.teacher_forward(x, method)
+        s_features = self.model.forward_features(x)
+        if self._needs_head_grad(self.model, method):
+            s_features = s_features.detach().requires_grad_(True)
+        with torch.enable_grad():  # maps need a gradient; Trainer(inference_mode=False)
+            s_logits = self.model.forward_head(s_features)
+            target = self.map_target(y, t_logits)
+            t_maps = self.maps(self.teacher, t_logits, t_features, target, method, False)
+            s_maps = self.maps(self.model, s_logits, s_features, target, method, False)
+        t_logits, s_logits = t_logits.detach(), s_logits.detach()
+        metrics = self.eval_metrics[stage]
+        metrics["acc"].update(s_logits, y)
+        metrics["loss"].update(F.cross_entropy(s_logits, y))
+        metrics["teacher_acc"].update(t_logits, y)
+        metrics["agreement"].update((s_logits.argmax(1) == t_logits.argmax(1)).float())
+        metrics["map_cosine"].update(map_cosine(s_maps.detach(), t_maps.detach()))
+        metrics["interpret"].update(interpret_loss(s_maps.detach(), t_maps.detach(), self.explain.loss))
+        self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, prog_bar=stage == "val")

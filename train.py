@@ -1,0 +1,20 @@
+"""Train a teacher, a student alone, or distill a student with explanations.
+
+    python train.py teacher=wrn40_2 explain=gradcampp
+    python train.py stage=teacher teacher=wrn40_2
+    python train.py experiment=smoke
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from distill.run import main as run_main  # imported late: `--help` stays fast
+
+    return run_main(cfg)
+
+
+if __name__ == "__main__":
+    main()
