@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 INTERPRET_LOSSES = ("paper", "normalized", "cosine")
+NORM_EPS = 1e-6
 
 
 def match_size(student_maps: Tensor, teacher_maps: Tensor) -> Tensor:
@@ -28,7 +29,8 @@ def interpret_loss(
     - ``cosine``: ``1 - cos(L_S, L_T)``.
 
     ``mask`` ``(B,)`` or ``(B, T)`` marks the maps that count (multi-label padding); ``None`` =
-    all. Returns a float32 scalar.
+    all. Returns a float32 scalar. The norms are clamped at ``NORM_EPS`` so a near-zero student
+    map does not get an exploding gradient.
     """
     if kind not in INTERPRET_LOSSES:
         raise ValueError(f"Unknown interpretability loss '{kind}'; choose one of {INTERPRET_LOSSES}")
@@ -37,12 +39,13 @@ def interpret_loss(
     if kind == "paper":
         per_map = (s - t).pow(2).sum(-1)
     elif kind == "normalized":
-        per_map = (F.normalize(s, dim=-1) - F.normalize(t, dim=-1)).pow(2).sum(-1)
+        per_map = (F.normalize(s, dim=-1, eps=NORM_EPS) - F.normalize(t, dim=-1, eps=NORM_EPS)).pow(2).sum(-1)
     else:
-        per_map = 1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-12)
+        per_map = 1.0 - F.cosine_similarity(s, t, dim=-1, eps=NORM_EPS)
     if mask is None:
         return per_map.mean()
     weights = mask.to(per_map.dtype)
+    weights = weights.reshape(*weights.shape, *[1] * (per_map.dim() - weights.dim())).expand_as(per_map)
     return (per_map * weights).sum() / weights.sum().clamp_min(1.0)
 
 

@@ -1,0 +1,11 @@
+"""LightningDataModules: CIFAR-10, image folders and a synthetic smoke-test set.
+
+Each is built by ``hydra.utils.instantiate(cfg.data)`` from a flat config (configs/data/)
+and yields ``(images float32 (B, 3, H, W) normalised, labels int64 (B,))`` batches.
+"""
+
+from distill.data.cifar import CIFAR10DataModule
+from distill.data.image_folder import ImageFolderDataModule
+from distill.data.synthetic import SyntheticDataModule
+
+__all__ = ["CIFAR10DataModule", "ImageFolderDataModule", "SyntheticDataModule"]

@@ -1,0 +1,187 @@
+"""Shared DataModule base: argument checks, train/val splitting, subsets and dataloaders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from distill.errors import ConfigError
+
+
+class TransformSubset(Dataset):
+    """A view of ``base`` restricted to ``indices`` (all if None) with its own transform.
+
+    ``base[i]`` must return ``(image, label)`` with an untransformed image, so that the
+    training and held-out validation views of one dataset can use different transforms.
+    """
+
+    def __init__(
+        self,
+        base: Any,
+        indices: Sequence[int] | None = None,
+        transform: Callable | None = None,
+    ):
+        self.base = base
+        self.indices = None if indices is None else [int(i) for i in indices]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base) if self.indices is None else len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        image, label = self.base[i if self.indices is None else self.indices[i]]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(label)
+
+
+def _check_int(value: Any, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"data.{what} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class BaseDataModule(pl.LightningDataModule):
+    """Common constructor arguments and behaviour of the project's DataModules.
+
+    Subclasses set ``image_size``, ``mean``, ``std`` and ``class_names`` and implement
+    :meth:`_build`, which returns ``(train_full, train_transform, eval_transform, test)``:
+    the full training dataset *without* transform (items ``(image, label)``), the two
+    transforms, and the ready-to-use test dataset.
+    """
+
+    task = "multiclass"
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        num_classes: int,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        seed: int = 0,
+        train_subset: int | None = None,
+        val_split: float = 0.0,
+        augment: bool = True,
+    ):
+        super().__init__()
+        self.name = str(name)
+        self.num_classes = _check_int(num_classes, "num_classes", 2)
+        self.batch_size = _check_int(batch_size, "batch_size", 1)
+        self.eval_batch_size = (
+            self.batch_size
+            if eval_batch_size is None
+            else _check_int(eval_batch_size, "eval_batch_size", 1)
+        )
+        self.num_workers = _check_int(num_workers, "num_workers", 0)
+        self.seed = _check_int(seed, "seed", 0)
+        self.train_subset = (
+            None if train_subset is None else _check_int(train_subset, "train_subset", 1)
+        )
+        try:
+            val_split = float(val_split)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"data.val_split must be a number in [0, 1), got {val_split!r}"
+            ) from None
+        if not 0.0 <= val_split < 1.0:
+            raise ConfigError(
+                f"data.val_split must be in [0, 1) (0 = validate on the test split), "
+                f"got {val_split!r}"
+            )
+        self.val_split = val_split
+        self.augment = bool(augment)
+        self.class_names: list[str] | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    # -- subclass hook -------------------------------------------------------------------
+    def _build(self) -> tuple[Any, Callable | None, Callable | None, Dataset]:
+        raise NotImplementedError
+
+    # -- splitting -----------------------------------------------------------------------
+    def split_indices(self, n: int) -> tuple[list[int], list[int] | None]:
+        """Seeded ``(train, val)`` indices into ``n`` training items (val None if no split).
+
+        ``val_split`` holds out ``round(val_split * n)`` items; ``train_subset`` then keeps
+        a fixed random subset of the rest. Both are sorted and depend only on ``seed``.
+        """
+        gen = torch.Generator().manual_seed(self.seed)
+        val_idx: list[int] | None = None
+        train_idx = list(range(n))
+        if self.val_split > 0:
+            n_val = round(self.val_split * n)
+            if n_val < 1 or n_val >= n:
+                raise ConfigError(
+                    f"data.val_split={self.val_split} of {n} training images leaves "
+                    f"{n_val} for validation and {n - n_val} for training; choose a value "
+                    f"that keeps both non-empty (or 0 to validate on the test split)"
+                )
+            perm = torch.randperm(n, generator=gen).tolist()
+            val_idx = sorted(perm[:n_val])
+            train_idx = sorted(perm[n_val:])
+        if self.train_subset is not None:
+            if self.train_subset > len(train_idx):
+                raise ConfigError(
+                    f"data.train_subset={self.train_subset} exceeds the {len(train_idx)} "
+                    f"available training images; lower it or set data.train_subset=null"
+                )
+            sub_gen = torch.Generator().manual_seed(self.seed + 1)
+            pick = torch.randperm(len(train_idx), generator=sub_gen)[: self.train_subset]
+            train_idx = sorted(train_idx[i] for i in pick.tolist())
+        return train_idx, val_idx
+
+    # -- Lightning hooks -----------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train_full, train_tf, eval_tf, test = self._build()
+        train_idx, val_idx = self.split_indices(len(train_full))
+        self.train_set = TransformSubset(train_full, train_idx, train_tf)
+        self.val_set = test if val_idx is None else TransformSubset(train_full, val_idx, eval_tf)
+        self.test_set = test
+
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        assert self.train_set is not None
+        if len(self.train_set) < self.batch_size:
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} exceeds the {len(self.train_set)} training "
+                f"images, so no full batch fits (the last incomplete batch is dropped); "
+                f"lower data.batch_size or use more training data"
+            )
+        return self._loader(self.train_set, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("validate")
+        assert self.val_set is not None
+        return self._loader(self.val_set, self.eval_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup("test")
+        assert self.test_set is not None
+        return self._loader(self.test_set, self.eval_batch_size, train=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, num_classes={self.num_classes}, "
+            f"batch_size={self.batch_size}, val_split={self.val_split}, "
+            f"train_subset={self.train_subset})"
+        )

@@ -1,0 +1,376 @@
+"""Distillation losses (SPEC §2) against independent references.
+
+Every expected value here comes from a hand-worked tiny case or a float64 numpy formula
+written in this file; no test compares the library with itself. The only torch op used as
+a reference is ``F.interpolate`` for bilinear upsampling (the resize convention of SPEC §2);
+bilinear *downsampling* by exactly 2 is checked against a numpy 2x2 average instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.losses import (
+    INTERPRET_LOSSES,
+    attention_map,
+    attention_transfer,
+    hinton_kd,
+    interpret_loss,
+    map_cosine,
+)
+
+KINDS = ("paper", "normalized", "cosine")
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to(torch.float64).numpy()
+
+
+def _rng(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# =========================================================================== Hinton KD
+def _np_log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def _np_kd(zs: np.ndarray, zt: np.ndarray, temp: float) -> float:
+    """``T^2 * mean_b sum_c p_T (log p_T - log p_S)`` with ``p = softmax(z / T)``."""
+    log_ps = _np_log_softmax(zs / temp)
+    log_pt = _np_log_softmax(zt / temp)
+    return float(temp**2 * (np.exp(log_pt) * (log_pt - log_ps)).sum(axis=1).mean())
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0, 4.0, 7.5])
+def test_hinton_kd_matches_numpy_float64(temp):
+    g = _rng(1)
+    zs = 3 * torch.randn(3, 5, generator=g)
+    zt = 3 * torch.randn(3, 5, generator=g)
+    got = hinton_kd(zs, zt, temp)
+    assert got.shape == ()
+    assert got.item() == pytest.approx(_np_kd(_np(zs), _np(zt), temp), rel=1e-5, abs=1e-7)
+
+
+def test_hinton_kd_hand_worked():
+    # T = 1: p_T = softmax([0, ln 3]) = [1/4, 3/4], p_S = softmax([0, 0]) = [1/2, 1/2].
+    kl = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    zs = torch.zeros(1, 2)
+    got = hinton_kd(zs, torch.tensor([[0.0, math.log(3.0)]]), 1.0)
+    assert got.item() == pytest.approx(kl, rel=1e-6)
+    # T = 2 with logits doubled: same distributions, so the loss is exactly T^2 = 4 times larger.
+    got2 = hinton_kd(zs, torch.tensor([[0.0, 2 * math.log(3.0)]]), 2.0)
+    assert got2.item() == pytest.approx(4 * kl, rel=1e-6)
+    # Batch mean, not sum: a second, identical-distribution row (p_S = p_T) halves the loss.
+    zs2 = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    two = hinton_kd(zs2, torch.tensor([[0.0, math.log(3.0)], [5.0, 6.0]]), 1.0)
+    assert two.item() == pytest.approx(kl / 2, rel=1e-6)
+
+
+def test_hinton_kd_zero_for_equal_logits():
+    z = 4 * torch.randn(4, 10, generator=_rng(2))
+    assert hinton_kd(z, z.clone(), 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    # Softmax is shift-invariant: a per-row constant offset is still the same distribution.
+    shifted = z + torch.arange(4.0)[:, None] * 3
+    assert hinton_kd(shifted, z, 4.0).item() == pytest.approx(0.0, abs=1e-5)
+    # ... but different logits do give a positive loss.
+    assert hinton_kd(z.flip(1), z, 4.0).item() > 1e-3
+
+
+def test_hinton_kd_decreases_toward_teacher():
+    g = _rng(3)
+    zs = 2 * torch.randn(2, 6, generator=g)
+    zt = 2 * torch.randn(2, 6, generator=g)
+    s = zs.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(hinton_kd(s, zt, 4.0), s)
+    # Directional derivative toward the teacher is negative ...
+    assert (grad * (zt - zs)).sum().item() < 0
+    # ... and matches a float64 central finite difference of the numpy reference.
+    d, h = _np(zt - zs), 1e-4
+    fd = (_np_kd(_np(zs) + h * d, _np(zt), 4.0) - _np_kd(_np(zs) - h * d, _np(zt), 4.0)) / (2 * h)
+    assert (grad.double().numpy() * d).sum() == pytest.approx(fd, rel=1e-3)
+    # Along the straight line to the teacher the loss is convex with minimum 0 at lambda = 1,
+    # hence strictly decreasing on [0, 1].
+    values = [hinton_kd(zs + lam * (zt - zs), zt, 4.0).item() for lam in np.linspace(0, 1, 6)]
+    assert all(a > b for a, b in zip(values, values[1:], strict=False))
+    assert values[-1] == pytest.approx(0.0, abs=1e-6)
+    # One gradient step lowers the loss.
+    assert hinton_kd(zs - 0.5 * grad, zt, 4.0).item() < hinton_kd(zs, zt, 4.0).item()
+
+
+def test_hinton_kd_temperature_scaling():
+    g = _rng(4)
+    zs = torch.randn(3, 5, generator=g)
+    zt = torch.randn(3, 5, generator=g)
+    # The T^2 factor keeps the loss O(1) at high temperature: with p = (1 + z/T - mean)/C to
+    # first order, T^2 * KL -> mean_b sum_c (centred (z_S - z_T))_c^2 / (2C)  (Hinton 2015).
+    d = _np(zs - zt)
+    d = d - d.mean(axis=1, keepdims=True)
+    limit = float((d**2).sum(axis=1).mean() / (2 * d.shape[1]))
+    assert hinton_kd(zs, zt, 200.0).item() == pytest.approx(limit, rel=1e-2)
+    # Without the T^2 factor the loss would shrink like 1/T^2; check the ratio between T's.
+    ratio = hinton_kd(zs, zt, 100.0).item() / hinton_kd(zs, zt, 200.0).item()
+    assert ratio == pytest.approx(1.0, rel=2e-2)
+    # Gradients also stay O(1) (not O(1/T)).
+    s = zs.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(hinton_kd(s, zt, 200.0), s)
+    np.testing.assert_allclose(grad.double().numpy(), d / (d.shape[1] * d.shape[0]), rtol=2e-2,
+                               atol=1e-4)
+
+
+# =========================================================================== attention transfer
+def _np_attention(feat: np.ndarray) -> np.ndarray:
+    """``normalize(mean_k A_k^2)`` flattened, in float64."""
+    a = (feat**2).mean(axis=1).reshape(feat.shape[0], -1)
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+
+def _np_at(student: list[np.ndarray], teacher: list[np.ndarray]) -> float:
+    return float(sum(((_np_attention(s) - _np_attention(t)) ** 2).mean()
+                     for s, t in zip(student, teacher, strict=True)))
+
+
+def _np_avg2(x: np.ndarray) -> np.ndarray:
+    """2x2 mean pooling, which equals bilinear downsampling by exactly 2 (align_corners=False)."""
+    *lead, h, w = x.shape
+    return x.reshape(*lead, h // 2, 2, w // 2, 2).mean(axis=(-3, -1))
+
+
+def test_attention_map_hand_worked():
+    # Channels [[1, 2]] and [[3, 0]]: mean of squares = [(1 + 9)/2, (4 + 0)/2] = [5, 2].
+    feat = torch.tensor([[[[1.0, 2.0]], [[3.0, 0.0]]]])
+    expected = np.array([[5.0, 2.0]]) / math.sqrt(29.0)
+    np.testing.assert_allclose(_np(attention_map(feat)), expected, rtol=1e-6)
+
+
+def test_attention_map_matches_numpy():
+    feat = torch.randn(2, 5, 3, 4, generator=_rng(5))
+    got = attention_map(feat)
+    assert got.shape == (2, 12)
+    np.testing.assert_allclose(_np(got), _np_attention(_np(feat)), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.linalg.norm(_np(got), axis=1), 1.0, rtol=1e-6)
+    # Channel count does not matter, and neither does the features' scale.
+    np.testing.assert_allclose(_np(attention_map(7 * feat)), _np(got), rtol=1e-5, atol=1e-7)
+
+
+def test_attention_transfer_matches_numpy():
+    g = _rng(6)
+    # Different channel counts between student and teacher; same spatial sizes.
+    student = [torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 5, 2, 2, generator=g)]
+    teacher = [torch.randn(2, 6, 4, 4, generator=g), torch.randn(2, 7, 2, 2, generator=g)]
+    got = attention_transfer(student, teacher)
+    assert got.shape == ()
+    expected = _np_at([_np(s) for s in student], [_np(t) for t in teacher])
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # Single group, hand-worked: a_S = [1, 0], a_T = [0, 1] -> mean((1, 1)) = 1.
+    s = torch.tensor([[[[1.0, 0.0]]]])
+    t = torch.tensor([[[[0.0, 2.0]]]])
+    assert attention_transfer([s], [t]).item() == pytest.approx(1.0, rel=1e-6)
+    assert attention_transfer(teacher, [x.clone() for x in teacher]).item() == pytest.approx(
+        0.0, abs=1e-7
+    )
+
+
+def test_attention_transfer_resizes_spatial_sizes():
+    g = _rng(7)
+    student = [torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 4, 4, 4, generator=g)]
+    teacher = [torch.randn(2, 5, 4, 4, generator=g), torch.randn(2, 6, 4, 4, generator=g)]
+    got = attention_transfer(student, teacher)
+    # Student group 0 downsampled 8x8 -> 4x4 = exact 2x2 average of the features.
+    expected = _np_at([_np_avg2(_np(student[0])), _np(student[1])], [_np(t) for t in teacher])
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # Features constant on 2x2 blocks resize back exactly: the loss vanishes.
+    t = torch.randn(2, 3, 4, 4, generator=g)
+    s = t.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    assert attention_transfer([s], [t]).item() == pytest.approx(0.0, abs=1e-7)
+    # The gradient reaches the (resized) student features.
+    s = student[0].clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(attention_transfer([s], teacher[:1]), s)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_attention_transfer_mismatched_group_counts():
+    x = torch.randn(2, 3, 4, 4, generator=_rng(8))
+    with pytest.raises(ValueError):
+        attention_transfer([x, x], [x])
+    with pytest.raises(ValueError):
+        attention_transfer([x], [x, x, x])
+
+
+# =========================================================================== interpretability
+def _np_interpret(s: np.ndarray, t: np.ndarray, kind: str, mask: np.ndarray | None = None) -> float:
+    s = s.reshape(*s.shape[:-2], -1)
+    t = t.reshape(*t.shape[:-2], -1)
+    if kind == "paper":
+        per = ((s - t) ** 2).sum(-1)
+    else:
+        ns = np.linalg.norm(s, axis=-1, keepdims=True)
+        nt = np.linalg.norm(t, axis=-1, keepdims=True)
+        su, tu = s / np.maximum(ns, 1e-12), t / np.maximum(nt, 1e-12)
+        per = ((su - tu) ** 2).sum(-1) if kind == "normalized" else 1 - (su * tu).sum(-1)
+    if mask is None:
+        return float(per.mean())
+    return float((per * mask).sum() / mask.sum())
+
+
+# Two 2x2 map pairs, worked by hand:
+#   map 0: S = [[3, 0], [0, 4]] (unit [.6, 0, 0, .8]), T = [[0, 0], [0, 2]] (unit [0, 0, 0, 1]);
+#          paper = 9 + 0 + 0 + 4 = 13, normalized = .36 + .04 = .4, cos = .8;
+#   map 1: S = [[1, 1], [1, 1]] (unit [.5]*4), T = [[2, 0], [0, 0]] (unit [1, 0, 0, 0]);
+#          paper = 1 + 1 + 1 + 1 = 4, normalized = .25 * 4 = 1, cos = .5.
+S2 = torch.tensor([[[3.0, 0.0], [0.0, 4.0]], [[1.0, 1.0], [1.0, 1.0]]])
+T2 = torch.tensor([[[0.0, 0.0], [0.0, 2.0]], [[2.0, 0.0], [0.0, 0.0]]])
+HAND = {"paper": (13.0 + 4.0) / 2, "normalized": (0.4 + 1.0) / 2, "cosine": (0.2 + 0.5) / 2}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interpret_loss_hand_worked(kind):
+    got = interpret_loss(S2, T2, kind)
+    assert got.shape == () and got.dtype == torch.float32
+    assert got.item() == pytest.approx(HAND[kind], rel=1e-6)
+    # Single map: mean over one map is that map's value.
+    single = {"paper": 13.0, "normalized": 0.4, "cosine": 0.2}[kind]
+    assert interpret_loss(S2[:1], T2[:1], kind).item() == pytest.approx(single, rel=1e-6)
+
+
+def test_interpret_loss_hand_worked_more():
+    s = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    t = torch.tensor([[[0.0, 2.0], [1.0, 5.0]]])
+    assert interpret_loss(s, t, "paper").item() == pytest.approx(1 + 0 + 4 + 1)  # raw, no norm
+    assert interpret_loss(2 * s, 2 * t, "paper").item() == pytest.approx(4 * 6)
+    # Scale-free variants ignore a positive rescaling of either map.
+    for kind in ("normalized", "cosine"):
+        assert interpret_loss(5 * S2, 0.1 * T2, kind).item() == pytest.approx(HAND[kind], rel=1e-5)
+    # Orthogonal maps: cosine 1, normalized 2; opposite maps: cosine 2, normalized 4.
+    a = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    b = torch.tensor([[[0.0, 0.0], [3.0, 0.0]]])
+    assert interpret_loss(a, b, "cosine").item() == pytest.approx(1.0)
+    assert interpret_loss(a, b, "normalized").item() == pytest.approx(2.0)
+    assert interpret_loss(a, -a, "cosine").item() == pytest.approx(2.0)
+    assert interpret_loss(a, -a, "normalized").item() == pytest.approx(4.0)
+    for kind in KINDS:
+        assert interpret_loss(S2, S2.clone(), kind).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interpret_loss_random_matches_numpy(kind):
+    g = _rng(9)
+    s, t = torch.randn(3, 5, 6, generator=g), torch.randn(3, 5, 6, generator=g)
+    expected = _np_interpret(_np(s), _np(t), kind)
+    assert interpret_loss(s, t, kind).item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interpret_loss_multi_map_mask(kind):
+    g = _rng(10)
+    s, t = torch.rand(2, 3, 4, 4, generator=g), torch.rand(2, 3, 4, 4, generator=g)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    # Garbage in the padded entries must not matter.
+    s_pad, t_pad = s.clone(), t.clone()
+    s_pad[~mask] = 1e3 * torch.randn(3, 4, 4, generator=g)
+    t_pad[~mask] = -1e3
+    expected = _np_interpret(_np(s), _np(t), kind, mask.double().numpy())
+    got = interpret_loss(s_pad.requires_grad_(True), t_pad, kind, mask)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # Hand check of the averaging: the mean of the three counted maps' own losses.
+    per = [interpret_loss(s[b, i][None], t[b, i][None], kind).item()
+           for b, i in ((0, 0), (0, 1), (1, 0))]
+    assert got.item() == pytest.approx(sum(per) / 3, rel=1e-5)
+    # No gradient into padded maps.
+    (grad,) = torch.autograd.grad(got, s_pad)
+    assert grad[~mask].abs().max().item() == 0.0
+    assert grad[mask].abs().sum().item() > 0
+    # Without a mask, every one of the 6 maps counts.
+    assert interpret_loss(s, t, kind).item() == pytest.approx(
+        _np_interpret(_np(s), _np(t), kind), rel=1e-5
+    )
+    # A float mask of ones equals no mask; (B,) mask for (B, h, w) maps works too.
+    assert interpret_loss(s, t, kind, torch.ones(2, 3)).item() == pytest.approx(
+        interpret_loss(s, t, kind).item(), rel=1e-6
+    )
+    s3, t3 = s[:, 0], t[:, 0]
+    assert interpret_loss(s3, t3, kind, torch.tensor([0.0, 1.0])).item() == pytest.approx(
+        _np_interpret(_np(s3[1:]), _np(t3[1:]), kind), rel=1e-5
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interpret_loss_resizes_student(kind):
+    g = _rng(11)
+    # Upsampling 4x4 -> 8x8: reference is torch's bilinear interpolate (align_corners=False).
+    s, t = torch.rand(2, 4, 4, generator=g), torch.rand(2, 8, 8, generator=g)
+    ref = F.interpolate(s[:, None].double(), size=(8, 8), mode="bilinear", align_corners=False)
+    expected = _np_interpret(ref[:, 0].numpy(), _np(t), kind)
+    assert interpret_loss(s, t, kind).item() == pytest.approx(expected, rel=1e-5)
+    # (B, T, h, w): every map is resized on its own.
+    s4, t4 = torch.rand(2, 3, 4, 4, generator=g), torch.rand(2, 3, 8, 8, generator=g)
+    ref4 = F.interpolate(s4.double(), size=(8, 8), mode="bilinear", align_corners=False)
+    expected4 = _np_interpret(ref4.numpy(), _np(t4), kind)
+    assert interpret_loss(s4, t4, kind).item() == pytest.approx(expected4, rel=1e-5)
+    # Downsampling by exactly 2 is a 2x2 average (numpy), and a block-constant student resizes
+    # back to the teacher exactly.
+    big = torch.rand(2, 3, 8, 8, generator=g)
+    small = torch.rand(2, 3, 4, 4, generator=g)
+    expected_down = _np_interpret(_np_avg2(_np(big)), _np(small), kind)
+    assert interpret_loss(big, small, kind).item() == pytest.approx(expected_down, rel=1e-5)
+    blocky = small.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+    assert interpret_loss(blocky, small, kind).item() == pytest.approx(0.0, abs=1e-5)
+    # map_cosine resizes the same way.
+    ref_cos = 1 - _np_interpret(ref[:, 0].numpy()[:1], _np(t)[:1], "cosine")
+    assert map_cosine(s, t)[0].item() == pytest.approx(ref_cos, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("which", ["both", "student", "teacher"])
+def test_interpret_loss_zero_maps_finite(kind, which):
+    g = _rng(12)
+    s = torch.zeros(2, 4, 4) if which in ("both", "student") else torch.rand(2, 4, 4, generator=g)
+    t = torch.zeros(2, 4, 4) if which in ("both", "teacher") else torch.rand(2, 4, 4, generator=g)
+    s.requires_grad_(True)
+    loss = interpret_loss(s, t, kind)
+    (grad,) = torch.autograd.grad(loss, s)
+    assert torch.isfinite(loss)
+    assert torch.isfinite(grad).all()
+    if which == "both":
+        assert grad.abs().max().item() == 0.0
+        # Zero vs zero: paper/normalized 0; cosine treats a zero map as cos = 0.
+        assert loss.item() == pytest.approx({"paper": 0.0, "normalized": 0.0, "cosine": 1.0}[kind])
+    # Also through a (B, T, h, w) mask with a fully-masked sample.
+    s4 = torch.zeros(2, 2, 4, 4, requires_grad=True)
+    loss4 = interpret_loss(s4, torch.zeros(2, 2, 4, 4), kind, torch.tensor([[1, 1], [0, 0]]))
+    (grad4,) = torch.autograd.grad(loss4, s4)
+    assert torch.isfinite(loss4) and torch.isfinite(grad4).all()
+    # An all-zero mask gives 0, not 0/0.
+    zero_mask = interpret_loss(S2, T2, kind, torch.zeros(2))
+    assert torch.isfinite(zero_mask) and zero_mask.item() == 0.0
+
+
+def test_interpret_loss_unknown_kind():
+    with pytest.raises(ValueError, match="gradcam_l1") as info:
+        interpret_loss(S2, T2, "gradcam_l1")
+    for kind in KINDS:
+        assert kind in str(info.value)
+    assert tuple(INTERPRET_LOSSES) == KINDS
+
+
+def test_map_cosine():
+    got = map_cosine(S2, T2)
+    assert got.shape == (2,)
+    np.testing.assert_allclose(_np(got), [0.8, 0.5], rtol=1e-6)
+    # (B, T, h, w) -> (B, T); zero map -> 0 (not NaN); opposite -> -1.
+    a = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    stack_s = torch.stack([torch.stack([S2[0], torch.zeros(2, 2)]), torch.stack([a, a])])
+    stack_t = torch.stack([torch.stack([T2[0], T2[1]]), torch.stack([-a, torch.zeros(2, 2)])])
+    got2 = map_cosine(stack_s, stack_t)
+    assert got2.shape == (2, 2)
+    np.testing.assert_allclose(_np(got2), [[0.8, 0.0], [-1.0, 0.0]], rtol=1e-6, atol=1e-7)
+    # Resized student: 2x2 block-constant map downsampled to the teacher is identical.
+    assert map_cosine(a.repeat_interleave(2, 0).repeat_interleave(2, 1)[None], a[None]).item() == (
+        pytest.approx(1.0, rel=1e-6)
+    )
