@@ -11,15 +11,31 @@ from distill.explain.maps import (
     model_maps,
     weighted_maps,
 )
+from distill.explain.visual import (
+    GuidedReLUMode,
+    denormalize,
+    guided_backprop,
+    guided_gradcam,
+    normalize_maps,
+    overlay,
+    resize_maps,
+)
 
 __all__ = [
     "METHODS",
+    "GuidedReLUMode",
     "class_gradients",
     "closed_form_weights",
+    "denormalize",
     "explanation_maps",
     "gradcam_weights",
     "gradcampp_alpha",
     "gradcampp_weights",
+    "guided_backprop",
+    "guided_gradcam",
     "model_maps",
+    "normalize_maps",
+    "overlay",
+    "resize_maps",
     "weighted_maps",
 ]

@@ -30,12 +30,13 @@ def gradcampp_alpha(grads: Tensor, activation_sums: Tensor) -> Tensor:
 
     ``grads`` ``(B, T, K, ...)``; ``activation_sums`` broadcastable to it, e.g. ``(B, 1, K, 1, 1)``.
     No epsilon: CIFAR last-layer gradients are ~1e-3, so any fixed epsilon would bias alpha.
+    The ``g^2`` is cancelled (``alpha = 1 / (2 + S g)`` for ``g != 0``): same values, but the
+    backward no longer overflows in float32 for tiny ``g`` (``g^2`` subnormal).
     """
-    g2 = grads * grads
-    denom = 2.0 * g2 + activation_sums * g2 * grads
-    nonzero = denom != 0
+    inner = 2.0 + activation_sums * grads
+    defined = (grads != 0) & (inner != 0)
     # Double `where` keeps the gradient finite where the unused branch would divide by zero.
-    return torch.where(nonzero, g2 / torch.where(nonzero, denom, torch.ones_like(denom)), 0.0)
+    return torch.where(defined, 1.0 / torch.where(defined, inner, torch.ones_like(inner)), 0.0)
 
 
 def gradcampp_weights(grads: Tensor, activations: Tensor) -> Tensor:
@@ -103,7 +104,8 @@ def closed_form_weights(
 
 
 # --------------------------------------------------------------------------- entry point
-def _check_inputs(logits: Tensor, activations: Tensor, target: Tensor, method: str) -> None:
+def _check_inputs(logits: Tensor, activations: Tensor, target: Tensor, method: str,
+                  linear_weight: Tensor | None) -> None:
     if method not in METHODS:
         raise ValueError(f"Unknown explanation method '{method}'; choose one of {METHODS}")
     if activations.dim() != 4:
@@ -115,6 +117,18 @@ def _check_inputs(logits: Tensor, activations: Tensor, target: Tensor, method: s
         )
     if target.dim() not in (1, 2) or target.shape[0] != logits.shape[0]:
         raise ValueError(f"target must be (B,) or (B, T), got shape {tuple(target.shape)}")
+    if linear_weight is not None and (linear_weight.dim() != 2 or linear_weight.shape[1] != activations.shape[1]):
+        raise ValueError(
+            f"linear_weight must be (C, K) with K = {activations.shape[1]} activation channels, "
+            f"got shape {tuple(linear_weight.shape)}"
+        )
+    if linear_weight is None and method != "cam" and not activations.requires_grad:
+        raise ValueError(
+            "activations do not require grad, so no gradient reaches them: compute them with "
+            "autograd enabled (under Lightning: Trainer(inference_mode=False)), call "
+            "activations.requires_grad_() before the head, or pass linear_weight for a "
+            "global-average-pool + linear head"
+        )
     if target.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
 
@@ -142,7 +156,7 @@ def explanation_maps(
     Returns:
         ``(B, h, w)`` for a ``(B,)`` target, ``(B, T, h, w)`` for a ``(B, T)`` target.
     """
-    _check_inputs(logits, activations, target, method)
+    _check_inputs(logits, activations, target, method, linear_weight)
     squeeze = target.dim() == 1
     target = target.long().reshape(target.shape[0], -1)
     dtype = torch.promote_types(activations.dtype, torch.float32)
