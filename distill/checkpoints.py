@@ -45,10 +45,12 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
     return checkpoint
 
 
-def load_network(path: str | Path, name: str, num_classes: int, what: str = "teacher checkpoint") -> nn.Module:
+def load_network(path: str | Path, name: str, num_classes: int, what: str = "teacher checkpoint",
+                 **model_options) -> nn.Module:
     """Rebuild network ``name`` and load the ``model.*`` weights of a distill checkpoint.
 
-    Raises ``CheckpointError`` when the file is missing or corrupt, or when it holds another
+    ``model_options`` go to the model factory (weights come from the checkpoint, so e.g. a
+    ``pretrained`` download is never needed here). Raises ``CheckpointError`` when the file is missing or corrupt, or when it holds another
     architecture or number of classes than asked for.
     """
     checkpoint = read_checkpoint(path, what)
@@ -60,7 +62,7 @@ def load_network(path: str | Path, name: str, num_classes: int, what: str = "tea
             f"for a {name} with {num_classes} classes: choose the matching teacher=... / data=..., "
             "or another checkpoint"
         )
-    model = build_model(name, num_classes)
+    model = build_model(name, num_classes, **model_options)
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     try:
         model.load_state_dict(state)

@@ -14,14 +14,13 @@ from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
 from distill.errors import ConfigError
 from distill.explain import METHODS, model_maps
-from distill.losses import INTERPRET_LOSSES, attention_transfer, hinton_kd, interpret_loss, map_cosine
+from distill.losses import INTERPRET_LOSSES, attention_transfer, interpret_loss, map_cosine
+from distill.tasks import MulticlassTask
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -75,20 +74,23 @@ class ClassifierModule(pl.LightningModule):
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         hparams: dict | None = None,
+        task=None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.task = task or MulticlassTask(model.num_classes)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.save_hyperparameters(hparams or {})
-        num_classes = model.num_classes
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.eval_metrics = nn.ModuleDict(
-            {stage: self._eval_metrics(num_classes) for stage in ("val", "test")}
-        )
+        self.train_score = self.task.score_metric()
+        self.eval_metrics = nn.ModuleDict({stage: self._eval_metrics() for stage in ("val", "test")})
 
-    def _eval_metrics(self, num_classes: int) -> MetricCollection:
-        return MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro"), "loss": MeanMetric()})
+    def _eval_metrics(self) -> MetricCollection:
+        return MetricCollection({self.task.score_name: self.task.score_metric(), "loss": MeanMetric()})
+
+    def log_train_score(self, logits: Tensor, target: Tensor) -> None:
+        self.train_score(logits, target)
+        self.log(f"train/{self.task.score_name}", self.train_score, on_step=False, on_epoch=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -96,18 +98,17 @@ class ClassifierModule(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
-        self.train_acc(logits, y)
+        loss = self.task.loss(logits, y)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log_train_score(logits, y)
         return loss
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
-        x, y = batch
+    def _eval_step(self, batch: tuple[Tensor, ...], stage: str) -> None:
+        x, y = batch[0], batch[1]  # evaluation batches may carry more (e.g. VOC boxes)
         logits = self.model(x)
         metrics = self.eval_metrics[stage]
-        metrics["acc"].update(logits, y)
-        metrics["loss"].update(F.cross_entropy(logits, y))
+        metrics[self.task.score_name].update(logits, y)
+        metrics["loss"].update(self.task.loss(logits, y))
         self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, prog_bar=stage == "val")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -116,8 +117,9 @@ class ClassifierModule(pl.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
-    def trainable_parameters(self):
-        return self.model.parameters()
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The network's parameters that train (a frozen backbone's are left out)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.trainable_parameters())
@@ -139,8 +141,9 @@ class DistillModule(ClassifierModule):
         weights: LossWeights = LossWeights(),
         explain: ExplainSettings = ExplainSettings(),
         hparams: dict | None = None,
+        task=None,
     ) -> None:
-        super().__init__(student, optimizer, scheduler, hparams)
+        super().__init__(student, optimizer, scheduler, hparams, task)
         if teacher.num_classes != student.num_classes:
             raise ConfigError(
                 f"teacher has {teacher.num_classes} classes but the student has "
@@ -154,11 +157,11 @@ class DistillModule(ClassifierModule):
         if weights.explain > 0 and explain.method is None:
             raise ConfigError("explain.weight > 0 but explain.method is null: pick explain=gradcam|gradcampp")
 
-    def _eval_metrics(self, num_classes: int) -> MetricCollection:
-        metrics = super()._eval_metrics(num_classes)
+    def _eval_metrics(self) -> MetricCollection:
+        metrics = super()._eval_metrics()
         metrics.add_metrics(
             {
-                "teacher_acc": MulticlassAccuracy(num_classes, average="micro"),
+                f"teacher_{self.task.score_name}": self.task.score_metric(),
                 "agreement": MeanMetric(),
                 "map_cosine": MeanMetric(),
                 "interpret": MeanMetric(),
@@ -171,9 +174,6 @@ class DistillModule(ClassifierModule):
         super().train(mode)
         self.teacher.eval()  # Lightning >= 2.2 no longer forces this; BN stats must not move
         return self
-
-    def trainable_parameters(self):
-        return self.model.parameters()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
@@ -210,9 +210,7 @@ class DistillModule(ClassifierModule):
             return features, self.teacher.forward_head(features), groups
 
     def map_target(self, labels: Tensor, teacher_logits: Tensor) -> Tensor:
-        if self.explain.target == "teacher_pred":
-            return teacher_logits.detach().argmax(dim=1)
-        return labels
+        return self.task.map_targets(labels, teacher_logits, self.explain.target)
 
     def maps(self, model: nn.Module, logits: Tensor, features: Tensor, target: Tensor, method: str,
              create_graph: bool) -> Tensor:
@@ -225,16 +223,16 @@ class DistillModule(ClassifierModule):
         t_features, t_logits, t_groups = self.teacher_forward(x, method)
         s_features, s_groups = self._features(self.model, x)
         s_logits = self.model.forward_head(s_features)
-        terms = {"ce": F.cross_entropy(s_logits, y)}
+        terms = {"ce": self.task.loss(s_logits, y)}
         if self.weights.kd > 0:
-            terms["kd"] = hinton_kd(s_logits, t_logits.detach(), self.weights.temperature)
+            terms["kd"] = self.task.kd(s_logits, t_logits.detach(), self.weights.temperature)
         if self.weights.at > 0:
             terms["at"] = attention_transfer(s_groups, t_groups)
         if method is not None:
             target = self.map_target(y, t_logits)
             t_maps = self.maps(self.teacher, t_logits, t_features, target, method, False).detach()
             s_maps = self.maps(self.model, s_logits, s_features, target, method, True)
-            terms["interpret"] = interpret_loss(s_maps, t_maps, self.explain.loss)
+            terms["interpret"] = interpret_loss(s_maps, t_maps, self.explain.loss, mask=target >= 0)
         return terms, s_logits
 
     def total_loss(self, terms: dict[str, Tensor]) -> Tensor:
@@ -246,15 +244,14 @@ class DistillModule(ClassifierModule):
         x, y = batch
         terms, s_logits = self.loss_terms(x, y)
         loss = self.total_loss(terms)
-        self.train_acc(s_logits, y)
         self.log_dict({f"train/{name}": value for name, value in terms.items()})
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log_train_score(s_logits, y)
         return loss
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
-        x, y = batch
+    def _eval_step(self, batch: tuple[Tensor, ...], stage: str) -> None:
+        x, y = batch[0], batch[1]
         method = self.explain.eval_method
         t_features, t_logits, _ = self.teacher_forward(x, method)
         s_features = self.model.forward_features(x)
@@ -266,11 +263,13 @@ class DistillModule(ClassifierModule):
             t_maps = self.maps(self.teacher, t_logits, t_features, target, method, False)
             s_maps = self.maps(self.model, s_logits, s_features, target, method, False)
         t_logits, s_logits = t_logits.detach(), s_logits.detach()
+        valid = target >= 0
+        score = self.task.score_name
         metrics = self.eval_metrics[stage]
-        metrics["acc"].update(s_logits, y)
-        metrics["loss"].update(F.cross_entropy(s_logits, y))
-        metrics["teacher_acc"].update(t_logits, y)
-        metrics["agreement"].update((s_logits.argmax(1) == t_logits.argmax(1)).float())
-        metrics["map_cosine"].update(map_cosine(s_maps.detach(), t_maps.detach()))
-        metrics["interpret"].update(interpret_loss(s_maps.detach(), t_maps.detach(), self.explain.loss))
+        metrics[score].update(s_logits, y)
+        metrics["loss"].update(self.task.loss(s_logits, y))
+        metrics[f"teacher_{score}"].update(t_logits, y)
+        metrics["agreement"].update(self.task.agreement(s_logits, t_logits))
+        metrics["map_cosine"].update(map_cosine(s_maps.detach(), t_maps.detach()), valid.float())
+        metrics["interpret"].update(interpret_loss(s_maps.detach(), t_maps.detach(), self.explain.loss, mask=valid))
         self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, prog_bar=stage == "val")

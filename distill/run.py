@@ -26,6 +26,7 @@ from distill.checkpoints import AtomicCheckpointIO, load_network
 from distill.errors import ConfigError, DistillError
 from distill.models import build_model, is_explainable
 from distill.module import ClassifierModule, DistillModule, ExplainSettings, LossWeights
+from distill.tasks import build_task
 
 log = logging.getLogger("distill")
 
@@ -101,6 +102,21 @@ def checkpoint_callback(path: Path, last_name: str | None = None, monitor: str =
     return callback
 
 
+def network(cfg: DictConfig, role: str) -> torch.nn.Module:
+    """Build ``cfg[role]`` (teacher / student): its ``name`` plus any model options it sets
+    (e.g. ``pretrained``, ``finetune``), for ``data.num_classes`` classes."""
+    node = OmegaConf.to_container(cfg[role], resolve=True)
+    options = {k: v for k, v in node.items() if k not in ("name", "checkpoint", "compile")}
+    try:
+        return build_model(node["name"], int(cfg.data.num_classes), **options)
+    except TypeError as err:
+        raise ConfigError(f"{role}={node['name']} does not take these options: {sorted(options)} ({err})") from None
+
+
+def task_of(datamodule: pl.LightningDataModule, num_classes: int):
+    return build_task(getattr(datamodule, "task", "multiclass"), num_classes)
+
+
 def default_teacher_checkpoint(cfg: DictConfig) -> Path:
     return Path(cfg.paths.checkpoint_dir) / f"{cfg.teacher.name}_{cfg.data.name}.ckpt"
 
@@ -155,16 +171,18 @@ def fit_and_test(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.Lig
     return {"stage": stage, "metrics": metrics, **paths}
 
 
-def train_classifier(cfg: DictConfig, datamodule: pl.LightningDataModule, name: str, stage: str,
+def train_classifier(cfg: DictConfig, datamodule: pl.LightningDataModule, role: str, stage: str,
                      best_path: Path, last_name: str | None = None) -> dict:
-    model = build_model(name, int(cfg.data.num_classes))
+    model = network(cfg, role)
+    task = task_of(datamodule, int(cfg.data.num_classes))
     module = ClassifierModule(
-        model,
+        model, task=task,
         optimizer=instantiate(cfg.optim.optimizer, "the optimizer (optim=...)"),
         scheduler=instantiate(cfg.optim.scheduler, "the scheduler (optim=...)") if cfg.optim.get("scheduler") else None,
-        hparams=model_hparams(cfg, name, stage),
+        hparams=model_hparams(cfg, cfg[role].name, stage),
     )
-    return fit_and_test(cfg, module, datamodule, stage, checkpoint_callback(best_path, last_name))
+    ckpt = checkpoint_callback(best_path, last_name, monitor=f"val/{task.score_name}")
+    return fit_and_test(cfg, module, datamodule, stage, ckpt)
 
 
 def resolve_teacher(cfg: DictConfig, datamodule: pl.LightningDataModule) -> tuple[torch.nn.Module, Path]:
@@ -177,13 +195,14 @@ def resolve_teacher(cfg: DictConfig, datamodule: pl.LightningDataModule) -> tupl
     if not path.is_file():
         log.warning("No teacher checkpoint at %s: training the %s teacher first (same data and "
                     "trainer settings), then distilling.", path, cfg.teacher.name)
-        train_classifier(cfg, datamodule, cfg.teacher.name, "teacher", path)
+        train_classifier(cfg, datamodule, "teacher", "teacher", path)
     return load_network(path, cfg.teacher.name, num_classes), path
 
 
 def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
     teacher, teacher_path = resolve_teacher(cfg, datamodule)
-    student = build_model(cfg.student.name, int(cfg.data.num_classes))
+    student = network(cfg, "student")
+    task = task_of(datamodule, int(cfg.data.num_classes))
     for role, model in (("teacher", teacher), ("student", student)):
         if cfg.explain.method and not is_explainable(model):
             raise ConfigError(f"explain={cfg.explain.name} needs a {role} with forward_features/forward_head")
@@ -199,11 +218,12 @@ def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
         student, teacher,
         optimizer=instantiate(cfg.optim.optimizer, "the optimizer (optim=...)"),
         scheduler=instantiate(cfg.optim.scheduler, "the scheduler (optim=...)") if cfg.optim.get("scheduler") else None,
-        weights=weights, explain=settings, hparams=hparams,
+        weights=weights, explain=settings, hparams=hparams, task=task,
     )
     out = Path(cfg.paths.output_dir)
     panel = ExplanationPanel(every_n_epochs=cfg.get("panel_every_n_epochs", 10), out_dir=out / "explanations")
-    return fit_and_test(cfg, module, datamodule, "distill", checkpoint_callback(out / "checkpoints" / "best.ckpt", "last"), [panel])
+    ckpt = checkpoint_callback(out / "checkpoints" / "best.ckpt", "last", monitor=f"val/{task.score_name}")
+    return fit_and_test(cfg, module, datamodule, "distill", ckpt, [panel])
 
 
 def quiet_lightning() -> None:
@@ -232,10 +252,10 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"data.num_classes must be >= 1, got {cfg.data.num_classes}")
     if cfg.stage == "teacher":
         path = Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else default_teacher_checkpoint(cfg)
-        result = train_classifier(cfg, datamodule, cfg.teacher.name, "teacher", path)
+        result = train_classifier(cfg, datamodule, "teacher", "teacher", path)
     elif cfg.stage == "baseline":
         out = Path(cfg.paths.output_dir)
-        result = train_classifier(cfg, datamodule, cfg.student.name, "baseline", out / "checkpoints" / "best.ckpt", "last")
+        result = train_classifier(cfg, datamodule, "student", "baseline", out / "checkpoints" / "best.ckpt", "last")
     else:
         result = distill(cfg, datamodule)
     result["config"] = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
