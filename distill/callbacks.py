@@ -23,6 +23,20 @@ class EpochTimer(pl.Callback):
         pl_module.log("time/epoch_s", time.perf_counter() - self._start)
 
 
+class EpochSeeding(pl.Callback):
+    """Reseed torch, numpy and ``random`` from ``(seed, epoch)`` at every training epoch start.
+
+    Each epoch's shuffling and augmentation then depend only on the seed and the epoch, so a
+    run resumed from an end-of-epoch checkpoint replays the interrupted epoch exactly.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl.seed_everything(self.seed * 1000 + trainer.current_epoch, workers=True, verbose=False)
+
+
 class ExplanationPanel(pl.Callback):
     """Every ``every_n_epochs``, a panel of fixed validation images with the teacher's and the
     student's maps side by side: to W&B (``val/explanations``), or as PNGs in ``out_dir``.

@@ -50,8 +50,8 @@ def load_network(path: str | Path, name: str, num_classes: int, what: str = "tea
     """Rebuild network ``name`` and load the ``model.*`` weights of a distill checkpoint.
 
     ``model_options`` go to the model factory (weights come from the checkpoint, so e.g. a
-    ``pretrained`` download is never needed here). Raises ``CheckpointError`` when the file is missing or corrupt, or when it holds another
-    architecture or number of classes than asked for.
+    ``pretrained`` download is never needed here). Raises ``CheckpointError`` when the file is
+    missing or corrupt, or when it holds another architecture or number of classes.
     """
     checkpoint = read_checkpoint(path, what)
     hparams = checkpoint.get("hyper_parameters", {})

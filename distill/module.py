@@ -9,6 +9,7 @@ and the teacher's weights are kept out of the student's checkpoints.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,13 +18,19 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, DistillError
 from distill.explain import METHODS, model_maps
 from distill.losses import INTERPRET_LOSSES, attention_transfer, interpret_loss, map_cosine
 from distill.tasks import MulticlassTask
 
+log = logging.getLogger("distill")
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+class NonFiniteLossError(DistillError):
+    """A loss term became NaN or infinite."""
 
 
 @dataclass(frozen=True)
@@ -75,9 +82,12 @@ class ClassifierModule(pl.LightningModule):
         scheduler: SchedulerFactory | None = None,
         hparams: dict | None = None,
         task=None,
+        skip_nonfinite: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
+        self.skip_nonfinite = skip_nonfinite
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.task = task or MulticlassTask(model.num_classes)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -87,6 +97,26 @@ class ClassifierModule(pl.LightningModule):
 
     def _eval_metrics(self) -> MetricCollection:
         return MetricCollection({self.task.score_name: self.task.score_metric(), "loss": MeanMetric()})
+
+    def finite_or_skip(self, terms: dict[str, Tensor], loss: Tensor) -> bool:
+        """True if ``loss`` is finite. Otherwise stop with the term(s) and step at fault, or,
+        with ``trainer.skip_nonfinite=true``, count the step as skipped and return False.
+
+        One host sync per step, outside the explanation path, to never train on a NaN.
+        """
+        if torch.isfinite(loss):
+            return True
+        bad = [name for name, value in terms.items() if not torch.isfinite(value).all()] or ["loss"]
+        where = f"at step {self.global_step} (epoch {self.current_epoch})"
+        if not self.skip_nonfinite:
+            raise NonFiniteLossError(
+                f"loss term {', '.join(bad)} became non-finite {where}. Lower the learning rate "
+                "(optim.optimizer.lr) or that term's weight, or set trainer.skip_nonfinite=true to skip such steps"
+            )
+        self.skipped_steps += 1
+        log.warning("skipping step: loss term %s is non-finite %s", ", ".join(bad), where)
+        self.log("train/skipped_nonfinite", self.skipped_steps.float(), on_step=True, on_epoch=False)
+        return False
 
     def log_train_score(self, logits: Tensor, target: Tensor) -> None:
         self.train_score(logits, target)
@@ -99,6 +129,8 @@ class ClassifierModule(pl.LightningModule):
         x, y = batch
         logits = self.model(x)
         loss = self.task.loss(logits, y)
+        if not self.finite_or_skip({"ce": loss}, loss):
+            return None
         self.log("train/loss", loss, prog_bar=True)
         self.log_train_score(logits, y)
         return loss
@@ -142,8 +174,9 @@ class DistillModule(ClassifierModule):
         explain: ExplainSettings = ExplainSettings(),
         hparams: dict | None = None,
         task=None,
+        skip_nonfinite: bool = False,
     ) -> None:
-        super().__init__(student, optimizer, scheduler, hparams, task)
+        super().__init__(student, optimizer, scheduler, hparams, task, skip_nonfinite)
         if teacher.num_classes != student.num_classes:
             raise ConfigError(
                 f"teacher has {teacher.num_classes} classes but the student has "
@@ -214,6 +247,8 @@ class DistillModule(ClassifierModule):
 
     def maps(self, model: nn.Module, logits: Tensor, features: Tensor, target: Tensor, method: str,
              create_graph: bool) -> Tensor:
+        hook = getattr(model, "map_logits", None)  # issue 5: dropout heads (VGG) give maps with dropout off
+        logits = logits if hook is None else hook(features, logits)
         return model_maps(model, logits, features, target, method, create_graph, self.explain.closed_form)
 
     # ------------------------------------------------------------------ training
@@ -244,6 +279,8 @@ class DistillModule(ClassifierModule):
         x, y = batch
         terms, s_logits = self.loss_terms(x, y)
         loss = self.total_loss(terms)
+        if not self.finite_or_skip(terms, loss):
+            return None
         self.log_dict({f"train/{name}": value for name, value in terms.items()})
         self.log("train/loss", loss, prog_bar=True)
         self.log_train_score(s_logits, y)

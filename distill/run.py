@@ -1,5 +1,9 @@
 """What ``train.py`` does: build data, models, logger and trainer from the Hydra config, then
 train a teacher, a student alone, or distill a student from a teacher.
+
+Every run writes into its output directory (``paths.output_dir``): ``checkpoints/best.ckpt``
+and ``checkpoints/last.ckpt`` (saved atomically), ``metrics.json`` at the end, and, for W&B,
+``wandb_run_id`` so that ``resume=<output dir>`` continues the same W&B run.
 """
 
 from __future__ import annotations
@@ -7,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import warnings
 from netrc import netrc
@@ -19,9 +24,10 @@ import torch
 from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from distill.callbacks import EpochTimer, ExplanationPanel
+from distill.callbacks import EpochSeeding, EpochTimer, ExplanationPanel
+from distill.callbacks_localization import localization_callbacks
 from distill.checkpoints import AtomicCheckpointIO, load_network
 from distill.errors import ConfigError, DistillError
 from distill.models import build_model, is_explainable
@@ -31,9 +37,10 @@ from distill.tasks import build_task
 log = logging.getLogger("distill")
 
 STAGES = ("teacher", "baseline", "distill")
+WANDB_ID_FILE = "wandb_run_id"
 
 
-# ---------------------------------------------------------------------------- building blocks
+# ---------------------------------------------------------------------------- config helpers
 def instantiate(node: DictConfig, what: str, **kwargs) -> Any:
     """``hydra.utils.instantiate`` with a one-line error naming the config group at fault."""
     try:
@@ -45,63 +52,98 @@ def instantiate(node: DictConfig, what: str, **kwargs) -> Any:
         raise ConfigError(f"could not build {what} from its config: {cause}") from None
 
 
+def output_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.output_dir)
+
+
+def resume_config(cfg: DictConfig) -> DictConfig:
+    """``resume=<run dir>``: that run's saved config, its output dir and its last checkpoint."""
+    run_dir = Path(cfg.resume)
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(
+            f"resume={run_dir}: no .hydra/config.yaml there. Pass the output directory of the run "
+            "to resume, e.g. resume=logs/train/runs/2026-01-01_12-00-00"
+        )
+    resumed = OmegaConf.load(saved)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    with open_dict(resumed):
+        resumed.paths.output_dir = str(run_dir.resolve())
+        resumed.ckpt_path = str(last) if last.is_file() else None
+        resumed.resume = None
+    log.info("Resuming %s from %s", run_dir, resumed.ckpt_path or "the start (no checkpoint yet)")
+    return resumed
+
+
+# ---------------------------------------------------------------------------- logger
 def wandb_credentials_present() -> bool:
     """True when W&B can log online: an API key in the environment or in ~/.netrc."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
         return netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, OSError, Exception):
+    except Exception:  # no ~/.netrc, or one netrc cannot parse
         return False
 
 
-def build_logger(cfg: DictConfig, run_name: str) -> Logger | None:
-    """The configured logger; W&B goes offline by itself when no credentials are set."""
+def build_logger(cfg: DictConfig, run_name: str, run_dir: Path | None = None) -> Logger | None:
+    """The configured logger. W&B goes offline by itself without credentials, and a run that
+    is resumed in ``run_dir`` continues its W&B run (id kept in ``run_dir/wandb_run_id``)."""
     if not cfg.get("logger"):
         return None
     node = OmegaConf.to_container(cfg.logger, resolve=True)
     if node["_target_"].endswith("WandbLogger"):
         if node.get("offline") == "auto":
             forced = os.environ.get("WANDB_MODE")
-            node["offline"] = forced in ("offline", "dryrun") or (
-                forced != "online" and not wandb_credentials_present()
-            )
+            no_credentials = forced != "online" and not wandb_credentials_present()
+            node["offline"] = forced in ("offline", "dryrun") or no_credentials
         node["name"] = node.get("name") or run_name
+        id_file = run_dir / WANDB_ID_FILE if run_dir is not None else None
+        if id_file is not None and id_file.is_file():
+            node["id"], node["resume"] = id_file.read_text().strip(), "allow"
         Path(node["save_dir"]).mkdir(parents=True, exist_ok=True)
     return instantiate(OmegaConf.create(node), "the logger (logger=...)")
 
 
-def announce_wandb_sync(logger: Logger | None) -> None:
-    if isinstance(logger, WandbLogger) and logger._offline:
-        run_dir = Path(logger.experiment.dir).parent
-        log.info("W&B ran offline (no credentials). Sync it later with: wandb sync %s", run_dir)
-        logger.experiment.finish()
-    elif isinstance(logger, WandbLogger):
-        logger.experiment.finish()
+def remember_wandb_run(logger: Logger | None, run_dir: Path) -> None:
+    if isinstance(logger, WandbLogger):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / WANDB_ID_FILE).write_text(str(logger.experiment.id))  # starts the run
 
 
+def finish_logger(logger: Logger | None) -> None:
+    if not isinstance(logger, WandbLogger):
+        return
+    if logger._offline:
+        log.info("W&B ran offline (no credentials). Sync it later with: wandb sync %s",
+                 Path(logger.experiment.dir).parent)
+    logger.experiment.finish()
+
+
+# ---------------------------------------------------------------------------- trainer
 def build_trainer(cfg: DictConfig, logger: Logger | None, callbacks: list[pl.Callback]) -> pl.Trainer:
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg.pop("skip_nonfinite", None)  # read by the LightningModule, not the Trainer
     if logger is not None:
         callbacks = [*callbacks, LearningRateMonitor(logging_interval="epoch")]
     return instantiate(
-        cfg.trainer, "the trainer (trainer=...)",
+        OmegaConf.create(trainer_cfg), "the trainer (trainer=...)",
         logger=logger if logger is not None else False,
-        callbacks=[*callbacks, EpochTimer()],
+        callbacks=[*callbacks, EpochTimer(), EpochSeeding(int(cfg.seed))],
         plugins=[AtomicCheckpointIO()],
-        default_root_dir=cfg.paths.output_dir,
+        default_root_dir=str(output_dir(cfg)),
     )
 
 
-def checkpoint_callback(path: Path, last_name: str | None = None, monitor: str = "val/acc") -> ModelCheckpoint:
-    """Best (by ``monitor``) at ``path``; last at ``<last_name>.ckpt`` (default ``<stem>-last``) beside it."""
-    callback = ModelCheckpoint(
-        dirpath=path.parent, filename=path.stem, monitor=monitor, mode="max",
+def checkpoint_callback(run_dir: Path, monitor: str) -> ModelCheckpoint:
+    """``best.ckpt`` (by ``monitor``) and ``last.ckpt`` in ``run_dir/checkpoints``."""
+    return ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode="max",
         save_last=True, auto_insert_metric_name=False, enable_version_counter=False,
     )
-    callback.CHECKPOINT_NAME_LAST = last_name or f"{path.stem}-last"
-    return callback
 
 
+# ---------------------------------------------------------------------------- models
 def network(cfg: DictConfig, role: str) -> torch.nn.Module:
     """Build ``cfg[role]`` (teacher / student): its ``name`` plus any model options it sets
     (e.g. ``pretrained``, ``finetune``), for ``data.num_classes`` classes."""
@@ -117,6 +159,14 @@ def task_of(datamodule: pl.LightningDataModule, num_classes: int):
     return build_task(getattr(datamodule, "task", "multiclass"), num_classes)
 
 
+def optimization(cfg: DictConfig) -> dict:
+    optim = cfg.optim
+    return {
+        "optimizer": instantiate(optim.optimizer, "the optimizer (optim=...)"),
+        "scheduler": instantiate(optim.scheduler, "the scheduler (optim=...)") if optim.get("scheduler") else None,
+    }
+
+
 def default_teacher_checkpoint(cfg: DictConfig) -> Path:
     return Path(cfg.paths.checkpoint_dir) / f"{cfg.teacher.name}_{cfg.data.name}.ckpt"
 
@@ -129,9 +179,9 @@ def run_name(cfg: DictConfig, stage: str) -> str:
     return f"distill-{cfg.student.name}-explain_{cfg.explain.name}-kd_{cfg.kd.name}-s{cfg.seed}"
 
 
-def model_hparams(cfg: DictConfig, name: str, stage: str) -> dict:
+def model_hparams(cfg: DictConfig, role: str, stage: str) -> dict:
     return {
-        "model_name": name,
+        "model_name": cfg[role].name,
         "num_classes": int(cfg.data.num_classes),
         "data_name": cfg.data.name,
         "stage": stage,
@@ -139,6 +189,7 @@ def model_hparams(cfg: DictConfig, name: str, stage: str) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------- outputs
 def metrics_to_floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in sorted(metrics.items())}
 
@@ -150,11 +201,22 @@ def write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def publish(source: str | Path, target: Path) -> None:
+    """Copy a finished checkpoint to ``target`` atomically (tmp file, then rename)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
 # ---------------------------------------------------------------------------- stages
 def fit_and_test(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.LightningDataModule,
-                 stage: str, ckpt: ModelCheckpoint, extra_callbacks: list[pl.Callback] = ()) -> dict:
-    """Fit, test the final weights, log where the checkpoints went, return the final metrics."""
-    logger = build_logger(cfg, run_name(cfg, stage))
+                 stage: str, run_dir: Path, extra_callbacks: list[pl.Callback] = ()) -> dict:
+    """Fit (resuming from ``cfg.ckpt_path`` if set), test the final weights, return the metrics."""
+    logger = build_logger(cfg, run_name(cfg, stage), run_dir)
+    remember_wandb_run(logger, run_dir)
+    ckpt = checkpoint_callback(run_dir, monitor=f"val/{module.task.score_name}")
+    extra_callbacks = [*extra_callbacks, *localization_callbacks(datamodule)]  # issue 5: VOC box localisation
     trainer = build_trainer(cfg, logger, [ckpt, *extra_callbacks])
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -167,63 +229,86 @@ def fit_and_test(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.Lig
     if logger is not None:
         logger.log_hyperparams(paths)
     log.info("checkpoints: best %s, last %s", paths["checkpoint/best"], paths["checkpoint/last"])
-    announce_wandb_sync(logger)
+    finish_logger(logger)
     return {"stage": stage, "metrics": metrics, **paths}
 
 
 def train_classifier(cfg: DictConfig, datamodule: pl.LightningDataModule, role: str, stage: str,
-                     best_path: Path, last_name: str | None = None) -> dict:
-    model = network(cfg, role)
-    task = task_of(datamodule, int(cfg.data.num_classes))
+                     run_dir: Path) -> dict:
+    """Cross-entropy training of ``cfg[role]`` alone (a teacher, or the baseline student)."""
     module = ClassifierModule(
-        model, task=task,
-        optimizer=instantiate(cfg.optim.optimizer, "the optimizer (optim=...)"),
-        scheduler=instantiate(cfg.optim.scheduler, "the scheduler (optim=...)") if cfg.optim.get("scheduler") else None,
-        hparams=model_hparams(cfg, cfg[role].name, stage),
+        network(cfg, role), task=task_of(datamodule, int(cfg.data.num_classes)),
+        hparams=model_hparams(cfg, role, stage), skip_nonfinite=cfg.trainer.get("skip_nonfinite", False),
+        **optimization(cfg),
     )
-    ckpt = checkpoint_callback(best_path, last_name, monitor=f"val/{task.score_name}")
-    return fit_and_test(cfg, module, datamodule, stage, ckpt)
+    return fit_and_test(cfg, module, datamodule, stage, run_dir)
+
+
+def train_teacher(cfg: DictConfig, datamodule: pl.LightningDataModule, target: Path, run_dir: Path) -> dict:
+    """Train the teacher in ``run_dir``; only a finished run is published to ``target``
+    (best) and ``<target stem>-last.ckpt``, so a killed run never leaves a half-trained teacher."""
+    result = train_classifier(cfg, datamodule, "teacher", "teacher", run_dir)
+    publish(result["checkpoint/best"] or result["checkpoint/last"], target)
+    publish(result["checkpoint/last"], target.with_name(f"{target.stem}-last.ckpt"))
+    log.info("teacher saved to %s", target)
+    return {**result, "teacher_checkpoint": str(target)}
 
 
 def resolve_teacher(cfg: DictConfig, datamodule: pl.LightningDataModule) -> tuple[torch.nn.Module, Path]:
-    """Load the teacher; train it first when the default checkpoint does not exist yet."""
+    """Load the teacher; train it first when the default checkpoint does not exist yet.
+
+    An explicit ``teacher.checkpoint`` must exist; only the default path is trained if absent.
+    """
+    options = {k: v for k, v in OmegaConf.to_container(cfg.teacher, resolve=True).items()
+               if k not in ("name", "checkpoint", "compile", "pretrained")}
     num_classes = int(cfg.data.num_classes)
     if cfg.teacher.checkpoint is not None:
         path = Path(cfg.teacher.checkpoint)
-        return load_network(path, cfg.teacher.name, num_classes), path
+        return load_network(path, cfg.teacher.name, num_classes, **options), path
     path = default_teacher_checkpoint(cfg)
     if not path.is_file():
         log.warning("No teacher checkpoint at %s: training the %s teacher first (same data and "
                     "trainer settings), then distilling.", path, cfg.teacher.name)
-        train_classifier(cfg, datamodule, "teacher", "teacher", path)
-    return load_network(path, cfg.teacher.name, num_classes), path
+        teacher_cfg = cfg.copy()
+        with open_dict(teacher_cfg):
+            teacher_cfg.ckpt_path = None
+        train_teacher(teacher_cfg, datamodule, path, output_dir(cfg) / "teacher")
+    return load_network(path, cfg.teacher.name, num_classes, **options), path
 
 
 def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
     teacher, teacher_path = resolve_teacher(cfg, datamodule)
     student = network(cfg, "student")
-    task = task_of(datamodule, int(cfg.data.num_classes))
     for role, model in (("teacher", teacher), ("student", student)):
         if cfg.explain.method and not is_explainable(model):
-            raise ConfigError(f"explain={cfg.explain.name} needs a {role} with forward_features/forward_head")
+            raise ConfigError(
+                f"explain={cfg.explain.name} needs a {role} with forward_features/forward_head; "
+                f"{cfg[role].name} has none: use explain=none or an explainable model"
+            )
     if cfg.teacher.get("compile"):
         teacher.forward_features = torch.compile(teacher.forward_features)
     weights = LossWeights(ce=cfg.kd.ce_weight, kd=cfg.kd.kd_weight, temperature=cfg.kd.temperature,
                           at=cfg.kd.at_weight, explain=cfg.explain.weight)
     settings = ExplainSettings(method=cfg.explain.method, loss=cfg.explain.loss, target=cfg.explain.target,
                                eval_method=cfg.explain.eval_method, closed_form=cfg.explain.closed_form)
-    hparams = model_hparams(cfg, cfg.student.name, "distill")
+    hparams = model_hparams(cfg, "student", "distill")
     hparams["teacher_checkpoint"] = str(teacher_path)
     module = DistillModule(
-        student, teacher,
-        optimizer=instantiate(cfg.optim.optimizer, "the optimizer (optim=...)"),
-        scheduler=instantiate(cfg.optim.scheduler, "the scheduler (optim=...)") if cfg.optim.get("scheduler") else None,
-        weights=weights, explain=settings, hparams=hparams, task=task,
+        student, teacher, weights=weights, explain=settings, hparams=hparams,
+        task=task_of(datamodule, int(cfg.data.num_classes)),
+        skip_nonfinite=cfg.trainer.get("skip_nonfinite", False), **optimization(cfg),
     )
-    out = Path(cfg.paths.output_dir)
-    panel = ExplanationPanel(every_n_epochs=cfg.get("panel_every_n_epochs", 10), out_dir=out / "explanations")
-    ckpt = checkpoint_callback(out / "checkpoints" / "best.ckpt", "last", monitor=f"val/{task.score_name}")
-    return fit_and_test(cfg, module, datamodule, "distill", ckpt, [panel])
+    run_dir = output_dir(cfg)
+    panel = ExplanationPanel(every_n_epochs=cfg.get("panel_every_n_epochs", 10), out_dir=run_dir / "explanations")
+    panels = [panel] if module.task.name == "multiclass" else []  # issue 5: the panel reads (x, y) class-index batches
+    result = fit_and_test(cfg, module, datamodule, "distill", run_dir, panels)
+    return {**result, "teacher_checkpoint": str(teacher_path)}
+
+
+def check_data(datamodule: pl.LightningDataModule) -> None:
+    """Fail on missing or malformed data before any logger run or checkpoint is created."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        datamodule.prepare_data()
 
 
 def quiet_lightning() -> None:
@@ -237,30 +322,30 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage()
     )
-    # The frozen teacher is in eval mode on purpose.
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the frozen teacher
 
 
 def run(cfg: DictConfig) -> dict:
-    """Run the configured stage; write and return ``{"metrics": ..., ...}``."""
+    """Run the configured stage; write ``metrics.json`` in the output directory and return it."""
     quiet_lightning()
+    if cfg.get("resume"):
+        cfg = resume_config(cfg)
     if cfg.stage not in STAGES:
         raise ConfigError(f"stage '{cfg.stage}' is unknown; choose one of {STAGES}")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data, "the data (data=...)")
-    if int(cfg.data.num_classes) < 1:
-        raise ConfigError(f"data.num_classes must be >= 1, got {cfg.data.num_classes}")
+    check_data(datamodule)
+    run_dir = output_dir(cfg)
     if cfg.stage == "teacher":
-        path = Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else default_teacher_checkpoint(cfg)
-        result = train_classifier(cfg, datamodule, "teacher", "teacher", path)
+        target = Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else default_teacher_checkpoint(cfg)
+        result = train_teacher(cfg, datamodule, target, run_dir)
     elif cfg.stage == "baseline":
-        out = Path(cfg.paths.output_dir)
-        result = train_classifier(cfg, datamodule, "student", "baseline", out / "checkpoints" / "best.ckpt", "last")
+        result = train_classifier(cfg, datamodule, "student", "baseline", run_dir)
     else:
         result = distill(cfg, datamodule)
     result["config"] = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
                         for k in ("stage", "seed", "teacher", "student", "explain", "kd")}
-    write_json(Path(cfg.paths.output_dir) / "metrics.json", result)
+    write_json(run_dir / "metrics.json", result)
     return result
 
 

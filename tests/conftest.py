@@ -36,6 +36,7 @@ def compose_config(tmp_path: Path, overrides: list[str] = ()) -> DictConfig:
         HydraConfig().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
+        del cfg["hydra"]  # as in a real run: train.py's cfg has no hydra node
     return cfg
 
 

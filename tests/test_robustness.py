@@ -1,0 +1,237 @@
+"""Resume after a kill, atomic checkpoints, clear errors, no silent NaN, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from distill.checkpoints import AtomicCheckpointIO
+from distill.errors import CheckpointError, ConfigError, DataError
+from distill.models import MODELS
+from distill.module import NonFiniteLossError
+from distill.run import run
+from tests.conftest import REPO, compose_config, run_train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("teacher")
+    path = tmp / "teacher.ckpt"
+    cfg = compose_config(tmp, ["experiment=smoke", "logger=none", "stage=teacher", f"teacher.checkpoint={path}",
+                               "trainer.max_epochs=1", "test_after_fit=false"])
+    run(cfg)
+    return path
+
+
+def final_metrics(run_dir: Path) -> dict[str, float]:
+    metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    return {k: v for k, v in metrics.items() if not k.startswith("time/")}
+
+
+def student_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+# ------------------------------------------------------------------------------------ resume
+def test_killed_run_resumes_to_the_same_weights_metrics_and_wandb_run(teacher_ckpt, tmp_path):
+    args = ["experiment=smoke", "logger=wandb", "explain=gradcampp", "kd=hinton", f"teacher.checkpoint={teacher_ckpt}",
+            "data.num_train=512", "trainer.max_epochs=3"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_train([*args, f"hydra.run.dir={straight}"], tmp_path).returncode == 0
+
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    cmd = [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={killed}", f"paths.log_dir={tmp_path}/logs"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the next epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
+    run_id = (killed / "wandb_run_id").read_text()
+
+    resumed = run_train([f"resume={killed}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (killed / "wandb_run_id").read_text() == run_id
+    run_dirs = {p.name.rsplit("-", 1)[-1] for p in (killed / "wandb").glob("offline-run-*")}
+    assert run_dirs == {run_id}, run_dirs  # the resumed process logged into the same W&B run
+
+    a, b = student_state(straight), student_state(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    assert final_metrics(killed) == pytest.approx(final_metrics(straight), abs=1e-6)
+
+
+def test_resume_needs_a_run_directory(tmp_path):
+    cfg = compose_config(tmp_path, ["experiment=smoke", "logger=none", f"resume={tmp_path / 'nowhere'}"])
+    with pytest.raises(ConfigError, match="no .hydra/config.yaml"):
+        run(cfg)
+
+
+# ------------------------------------------------------------------------------------ atomic saves
+def test_failed_save_leaves_previous_checkpoint_intact(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(1_000_000)}, "bad": Unpicklable()}, path)
+    assert torch.equal(torch.load(path, weights_only=False)["state_dict"]["w"], torch.ones(3))
+
+
+def test_kill_during_save_leaves_a_loadable_checkpoint(tmp_path):
+    path = tmp_path / "last.ckpt"
+    script = (
+        "import sys, torch\n"
+        "from distill.checkpoints import AtomicCheckpointIO\n"
+        "io, i = AtomicCheckpointIO(), 0\n"
+        "while True:\n"
+        "    io.save_checkpoint({'state_dict': {'w': torch.full((4_000_000,), float(i))}, 'i': i}, sys.argv[1])\n"
+        "    i += 1\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=REPO)
+    deadline = time.time() + 60
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.7)  # several saves in flight
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    checkpoint = torch.load(path, weights_only=False)
+    assert torch.all(checkpoint["state_dict"]["w"] == checkpoint["i"])
+
+
+# ------------------------------------------------------------------------------------ clear errors
+def test_unknown_key_in_a_group_fails_with_its_name(tmp_path):
+    proc = run_train(["experiment=smoke", "explain.wieght=1"], tmp_path)
+    assert proc.returncode != 0
+    assert "wieght" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("explain.weight=-1", "weights must be >= 0"), ("kd.kd_weight=-0.5", "weights must be >= 0"),
+     ("kd.temperature=0", "temperature must be > 0"), ("kd.temperature=-2", "temperature must be > 0")],
+)
+def test_bad_loss_settings(override, message, teacher_ckpt, tmp_path):
+    cfg = compose_config(tmp_path, ["experiment=smoke", "logger=none", "explain=gradcampp",
+                                    f"teacher.checkpoint={teacher_ckpt}", override])
+    with pytest.raises(ConfigError, match=message):
+        run(cfg)
+
+
+def test_bad_loss_setting_through_train_py_exits_2(teacher_ckpt, tmp_path):
+    proc = run_train(["experiment=smoke", "logger=none", f"teacher.checkpoint={teacher_ckpt}", "kd=hinton",
+                      "kd.temperature=0"], tmp_path)
+    assert proc.returncode == 2
+    assert "temperature must be > 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_explicit_teacher_checkpoint_missing(tmp_path):
+    cfg = compose_config(tmp_path, ["experiment=smoke", "logger=none", f"teacher.checkpoint={tmp_path / 'no.ckpt'}"])
+    with pytest.raises(CheckpointError, match="does not exist"):
+        run(cfg)
+    assert not (tmp_path / "no.ckpt").exists()  # an explicit path is never trained into
+
+
+def test_explicit_teacher_checkpoint_corrupt(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"\x00not a checkpoint" * 100)
+    cfg = compose_config(tmp_path, ["experiment=smoke", "logger=none", f"teacher.checkpoint={bad}"])
+    with pytest.raises(CheckpointError, match="could not be read"):
+        run(cfg)
+
+
+def test_explicit_teacher_checkpoint_of_other_architecture(teacher_ckpt, tmp_path):
+    cfg = compose_config(tmp_path, ["experiment=smoke", "logger=none", "teacher=wrn40_2",
+                                    f"teacher.checkpoint={teacher_ckpt}"])
+    with pytest.raises(CheckpointError, match="holds a wrn16_2 with 10 classes"):
+        run(cfg)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no_test_split"])
+def test_image_folder_root_errors(case, tmp_path):
+    root = tmp_path / "images"
+    if case != "missing":
+        root.mkdir()
+    if case == "no_test_split":
+        (root / "train" / "cat").mkdir(parents=True)
+    cfg = compose_config(tmp_path, ["experiment=smoke", "logger=none", "stage=baseline", "data=image_folder",
+                                    f"data.root={root}"])
+    with pytest.raises(DataError, match=str(root)):
+        run(cfg)
+
+
+def test_cifar_root_missing_without_download(tmp_path):
+    cfg = compose_config(tmp_path, ["logger=none", "stage=baseline", "data=cifar10", "data.download=false",
+                                    f"data.root={tmp_path / 'cifar'}"])
+    with pytest.raises(DataError, match="cifar"):
+        run(cfg)
+
+
+def test_explanations_need_forward_features(teacher_ckpt, tmp_path):
+    class Plain(nn.Module):
+        def __init__(self, num_classes: int):
+            super().__init__()
+            self.num_classes = num_classes
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, num_classes))
+
+        def forward(self, x):
+            return self.net(x)
+
+    MODELS["plain"] = Plain
+    try:
+        cfg = compose_config(tmp_path, ["experiment=smoke", "logger=none", "explain=gradcampp", "student.name=plain",
+                                        f"teacher.checkpoint={teacher_ckpt}"])
+        with pytest.raises(ConfigError, match="needs a student with forward_features/forward_head"):
+            run(cfg)
+    finally:
+        del MODELS["plain"]
+
+
+# ------------------------------------------------------------------------------------ NaN
+def test_non_finite_loss_stops_with_the_term_and_step(teacher_ckpt, tmp_path):
+    cfg = compose_config(tmp_path, ["experiment=smoke", "logger=none", "explain=gradcampp", "kd=hinton",
+                                    f"teacher.checkpoint={teacher_ckpt}", "optim.optimizer.lr=1e30"])
+    with pytest.raises(NonFiniteLossError, match=r"became non-finite at step \d+ \(epoch 0\)") as info:
+        run(cfg)
+    assert "ce" in str(info.value) and "skip_nonfinite" in str(info.value)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_non_finite_steps_can_be_skipped_and_counted(teacher_ckpt, tmp_path):
+    cfg = compose_config(tmp_path, ["experiment=smoke", "logger=csv", "explain=gradcampp",
+                                    f"teacher.checkpoint={teacher_ckpt}", "optim.optimizer.lr=1e30",
+                                    "trainer.skip_nonfinite=true", "trainer.max_epochs=1", "test_after_fit=false"])
+    result = run(cfg)
+    assert result["metrics"]["train/skipped_nonfinite"] >= 1
+
+
+# ------------------------------------------------------------------------------------ determinism
+def test_same_seed_same_metrics(teacher_ckpt, tmp_path):
+    metrics = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        out.mkdir()
+        cfg = compose_config(out, ["experiment=smoke", "logger=none", "explain=gradcampp", "kd=hinton",
+                                   f"teacher.checkpoint={teacher_ckpt}", "trainer.max_epochs=1"])
+        run(cfg)
+        metrics.append(final_metrics(out))
+    assert metrics[0] == metrics[1]
