@@ -20,6 +20,7 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from distill.errors import ConfigError, DistillError
 from distill.explain import METHODS, model_maps
+from distill.explain.maps import check_map_precision
 from distill.losses import INTERPRET_LOSSES, attention_transfer, interpret_loss, map_cosine
 from distill.tasks import MulticlassTask
 
@@ -219,6 +220,11 @@ class DistillModule(ClassifierModule):
         if checkpoint.get("teacher_excluded"):
             teacher_state = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
             checkpoint["state_dict"].update(teacher_state)
+
+    def setup(self, stage: str) -> None:  # issue 6: float16 only where no map needs an inner gradient
+        methods = {self.explain.eval_method, self.explain.method if self.weights.explain > 0 else None}
+        check_map_precision(self.trainer.precision, any(
+            self._needs_head_grad(model, method) for model in (self.teacher, self.model) for method in methods))
 
     # ------------------------------------------------------------------ forward passes
     def _features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from distill.data.on_device import DeviceBatches, UInt8Images
 from distill.errors import ConfigError
 
 
@@ -51,7 +52,8 @@ class BaseDataModule(pl.LightningDataModule):
     Subclasses set ``image_size``, ``mean``, ``std`` and ``class_names`` and implement
     :meth:`_build`, which returns ``(train_full, train_transform, eval_transform, test)``:
     the full training dataset *without* transform (items ``(image, label)``), the two
-    transforms, and the ready-to-use test dataset.
+    transforms, and the ready-to-use test dataset. For ``on_device=True`` they implement
+    :meth:`_build_uint8` (see :mod:`distill.data.on_device`).
     """
 
     task = "multiclass"
@@ -68,6 +70,7 @@ class BaseDataModule(pl.LightningDataModule):
         train_subset: int | None = None,
         val_split: float = 0.0,
         augment: bool = True,
+        on_device: bool = False,
     ):
         super().__init__()
         self.name = str(name)
@@ -96,6 +99,7 @@ class BaseDataModule(pl.LightningDataModule):
             )
         self.val_split = val_split
         self.augment = bool(augment)
+        self.on_device = bool(on_device)  # uint8 images on the training device, no workers
         self.class_names: list[str] | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -104,6 +108,11 @@ class BaseDataModule(pl.LightningDataModule):
     # -- subclass hook -------------------------------------------------------------------
     def _build(self) -> tuple[Any, Callable | None, Callable | None, Dataset]:
         raise NotImplementedError
+
+    def _build_uint8(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For ``on_device``: ``(train images uint8 (N, 3, H, W), train labels (N,), test images,
+        test labels)``, all at ``image_size``."""
+        raise ConfigError(f"data.on_device=true is not supported for data={self.name}; set data.on_device=false")
 
     # -- splitting -----------------------------------------------------------------------
     def split_indices(self, n: int) -> tuple[list[int], list[int] | None]:
@@ -141,13 +150,25 @@ class BaseDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        if self.on_device:
+            train_x, train_y, test_x, test_y = self._build_uint8()
+            train_idx, val_idx = self.split_indices(len(train_x))
+            self.train_set = UInt8Images(train_x, train_y, self.mean, self.std, train_idx)
+            self.test_set = UInt8Images(test_x, test_y, self.mean, self.std)
+            self.val_set = self.test_set if val_idx is None else UInt8Images(train_x, train_y, self.mean,
+                                                                              self.std, val_idx)
+            return
         train_full, train_tf, eval_tf, test = self._build()
         train_idx, val_idx = self.split_indices(len(train_full))
         self.train_set = TransformSubset(train_full, train_idx, train_tf)
         self.val_set = test if val_idx is None else TransformSubset(train_full, val_idx, eval_tf)
         self.test_set = test
 
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader | DeviceBatches:
+        if isinstance(dataset, UInt8Images):  # data.on_device=true
+            padding = max(1, round(min(self.image_size) / 8))  # as cifar_train_transform
+            return DeviceBatches.for_trainer(dataset, batch_size, self.trainer, train=train,
+                                             augment=self.augment, seed=self.seed, padding=padding)
         return DataLoader(
             dataset,
             batch_size=batch_size,

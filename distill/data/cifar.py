@@ -5,9 +5,11 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import torch
 from torchvision.datasets import CIFAR10
 
 from distill.data.base import BaseDataModule
+from distill.data.on_device import hwc_to_chw
 from distill.data.transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -57,6 +59,7 @@ class CIFAR10DataModule(BaseDataModule):
         train_subset: int | None = None,
         val_split: float = 0.0,
         augment: bool = True,
+        on_device: bool = False,
     ):
         if num_classes != 10:
             raise ConfigError(
@@ -73,6 +76,7 @@ class CIFAR10DataModule(BaseDataModule):
             train_subset=train_subset,
             val_split=val_split,
             augment=augment,
+            on_device=on_device,
         )
         self.root = Path(root).expanduser().resolve()
         self.download = bool(download)
@@ -118,6 +122,15 @@ class CIFAR10DataModule(BaseDataModule):
                 problem += f" ({type(e).__name__}: {e})"
             raise self._error(problem) from None
 
+    def _load_both(self) -> tuple[CIFAR10, CIFAR10]:
+        train_full = self._load(train=True)
+        test_raw = self._load(train=False)
+        if list(train_full.classes) != CIFAR10_CLASSES:
+            raise self._error(
+                f"batches.meta lists classes {train_full.classes}, not CIFAR-10's {CIFAR10_CLASSES}"
+            )
+        return train_full, test_raw
+
     # -- Lightning hooks -----------------------------------------------------------------
     def prepare_data(self) -> None:
         probe = CIFAR10.__new__(CIFAR10)  # integrity check without loading the arrays
@@ -145,15 +158,15 @@ class CIFAR10DataModule(BaseDataModule):
             raise self._error("the downloaded files failed the md5 check")
 
     def _build(self):
-        train_full = self._load(train=True)
-        test_raw = self._load(train=False)
-        if list(train_full.classes) != CIFAR10_CLASSES:
-            raise self._error(
-                f"batches.meta lists classes {train_full.classes}, not CIFAR-10's {CIFAR10_CLASSES}"
-            )
+        train_full, test_raw = self._load_both()
         eval_tf = eval_transform(self.mean, self.std, self.image_size)
         train_tf = (
             cifar_train_transform(self.mean, self.std, self.image_size) if self.augment else eval_tf
         )
         test_raw.transform = eval_tf
         return train_full, train_tf, eval_tf, test_raw
+
+    def _build_uint8(self):  # data.on_device=true: the arrays as they are stored, (N, 32, 32, 3) uint8
+        train, test = self._load_both()
+        return (hwc_to_chw(train.data), torch.as_tensor(train.targets), hwc_to_chw(test.data),
+                torch.as_tensor(test.targets))

@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from distill.data.base import BaseDataModule
+from distill.data.on_device import images_to_uint8
 from distill.data.transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -59,6 +60,7 @@ class ImageFolderDataModule(BaseDataModule):
         train_subset: int | None = None,
         val_split: float = 0.0,
         augment: bool = True,
+        on_device: bool = False,
     ):
         super().__init__(
             name=name,
@@ -70,6 +72,7 @@ class ImageFolderDataModule(BaseDataModule):
             train_subset=train_subset,
             val_split=val_split,
             augment=augment,
+            on_device=on_device,
         )
         try:
             self.image_size: tuple[int, int] = to_size(image_size)
@@ -133,3 +136,9 @@ class ImageFolderDataModule(BaseDataModule):
         )
         test.transform = eval_tf
         return train_full, train_tf, eval_tf, test
+
+    def _build_uint8(self):  # data.on_device=true: every image decoded once, resized to image_size
+        self.class_names = self._check_layout()
+        train_x, train_y = images_to_uint8(self._folder("train"), self.image_size)
+        test_x, test_y = images_to_uint8(self._folder("test"), self.image_size)
+        return train_x, train_y, test_x, test_y

@@ -165,8 +165,14 @@ def forward_explainable(model: nn.Module, images: Tensor) -> tuple[Tensor, Tenso
 
 
 def maps_for(model: nn.Module, features: Tensor, logits: Tensor, target: Tensor, method: str) -> Tensor:
-    """Detached maps ``(B, h, w)`` of ``target`` ``(B,)`` from ``forward_explainable``'s output."""
+    """Detached maps ``(B, h, w)`` of ``target`` ``(B,)`` from ``forward_explainable``'s output.
+
+    Without a closed form (no ``cam_linear``) the head is run again from ``features``, so that
+    several maps can come from one backbone pass (each ``autograd.grad`` frees its graph).
+    """
     with torch.enable_grad():
+        if getattr(model, "cam_linear", None) is None:
+            logits = model.forward_head(features)
         return model_maps(model, logits, features, target, method).detach()
 
 
@@ -189,9 +195,8 @@ def faithfulness_scores(
     ``(gradcam, gradcampp)``, ``win_gradcampp_vs_gradcam``.
     """
     features, logits = outputs if outputs is not None else forward_explainable(model, images)
-    logits = logits.detach()
-    pred = logits.argmax(dim=1)
-    full = class_probability(logits, pred)
+    pred = logits.detach().argmax(dim=1)
+    full = class_probability(logits.detach(), pred)
     maps = torch.stack([maps_for(model, features, logits, pred, m) for m in methods], dim=1)  # (B, M, h, w)
     explained = explanation_images(images, maps, mean, std)  # (B, M, C, H, W)
     with torch.no_grad():
@@ -259,8 +264,8 @@ class ScoreAccumulator(nn.Module):
     """Running means of per-image scores (one ``MeanMetric`` per key, created on first use).
 
     ``update`` only adds tensors on the device (``nan_strategy="disable"``: no NaN check, which
-    would synchronise); ``compute`` returns plain floats: ``100 * mean`` for every key except
-    :data:`UNITLESS` ones (kept as means), and ``num_images``.
+    would synchronise); ``compute`` returns plain floats: ``<key>_pct = 100 * mean`` for every
+    key except the :data:`UNITLESS` ones (``<key> = mean``), and ``num_images``.
     """
 
     def __init__(self) -> None:
@@ -287,7 +292,10 @@ class ScoreAccumulator(nn.Module):
         result: dict[str, float] = {}
         for key, name in self._keys.items():
             value = float(self.means[name].compute())
-            result[key] = value if key.split("/")[-1] in UNITLESS else 100.0 * value
+            if key.split("/")[-1] in UNITLESS:
+                result[key] = value
+            else:
+                result[f"{key}_pct"] = 100.0 * value
         result["num_images"] = int(self.count.compute()) if self._keys else 0
         return result
 

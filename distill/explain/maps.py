@@ -12,11 +12,44 @@ Shapes: ``A`` activations ``(B, K, h, w)``; ``logits`` ``(B, C)``; targets ``(B,
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.errors import ConfigError
+
 METHODS = ("cam", "gradcam", "gradcampp")
+FLOAT16_PRECISIONS = ("16-mixed", "16-true", "16")
+
+
+def check_map_precision(precision: str | int | None, autograd_maps: bool) -> None:
+    """Refuse float16 training when a map needs an inner gradient ``dS/dA`` (autograd path).
+
+    Under ``16-mixed`` the GradScaler scales the loss, not the inner ``autograd.grad``, whose
+    float16 values (``W[c] / Z`` ~ 1e-4 and smaller) lose their precision or flush to zero.
+    Closed-form maps have no inner gradient, so float16 is fine with them.
+    """
+    if autograd_maps and str(precision) in FLOAT16_PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={precision} is refused: these explanation maps go through an inner "
+            "autograd gradient dS/dA, which float16 autocast does not loss-scale (it underflows). Use "
+            "trainer.precision=bf16-mixed (or 32-true), or closed-form maps (explain.closed_form=true "
+            "with global-average-pool + linear heads, e.g. the WRNs)"
+        )
+
+
+def float32_region(tensor: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on ``tensor``'s device, so the map arithmetic really runs in float32.
+
+    Casting the inputs to float32 is not enough under ``torch.autocast``: it would cast them
+    back down for autocast's low-precision ops (``einsum`` among them, also on the CPU).
+    """
+    device_type = tensor.device.type
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- weights
@@ -73,8 +106,10 @@ def class_gradients(
             selected, activations, grad_outputs=valid, create_graph=create_graph
         )
         return grads.unsqueeze(1)
-    # (T, B, C) one-hot rows: autograd vmaps the backward over T in one call.
-    one_hot = F.one_hot(index.t(), logits.shape[1]).to(logits.dtype) * valid.t()[..., None]
+    # (T, B, C) one-hot rows: autograd vmaps the backward over T in one call. A comparison,
+    # not F.one_hot, which checks the index range with a host synchronisation on the CPU.
+    classes = torch.arange(logits.shape[1], device=index.device)
+    one_hot = (index.t()[..., None] == classes).to(logits.dtype) * valid.t()[..., None]
     (grads,) = torch.autograd.grad(
         logits, activations, grad_outputs=one_hot, is_grads_batched=True, create_graph=create_graph
     )
@@ -159,19 +194,23 @@ def explanation_maps(
     _check_inputs(logits, activations, target, method, linear_weight)
     squeeze = target.dim() == 1
     target = target.long().reshape(target.shape[0], -1)
-    dtype = torch.promote_types(activations.dtype, torch.float32)
-    acts = activations.to(dtype)
-    if linear_weight is not None:
-        weights = closed_form_weights(linear_weight.to(dtype), acts, target, method)
-    elif method == "cam":
+    if linear_weight is None and method == "cam":
         raise ValueError(
             "method='cam' needs a global-average-pool + linear head: pass linear_weight "
             "(the model's cam_linear.weight), or use 'gradcam'"
         )
-    else:
-        grads = class_gradients(logits, activations, target, create_graph).to(dtype)
-        weights = gradcam_weights(grads) if method == "gradcam" else gradcampp_weights(grads, acts)
-    maps = weighted_maps(weights, acts)
+    # Autocast off: the map arithmetic runs in float32 (float64 stays float64). The inner
+    # gradient's backward ops, which autocast would otherwise also run in low precision, run
+    # in the dtype of the head's forward pass (bf16 where the head ran under autocast).
+    dtype = torch.promote_types(activations.dtype, torch.float32)
+    with float32_region(activations):
+        acts = activations.to(dtype)
+        if linear_weight is not None:
+            weights = closed_form_weights(linear_weight.to(dtype), acts, target, method)
+        else:
+            grads = class_gradients(logits, activations, target, create_graph).to(dtype)
+            weights = gradcam_weights(grads) if method == "gradcam" else gradcampp_weights(grads, acts)
+        maps = weighted_maps(weights, acts)
     return maps[:, 0] if squeeze else maps
 
 

@@ -3,6 +3,7 @@
 from distill.losses.attention import attention_map, attention_transfer
 from distill.losses.interpret import INTERPRET_LOSSES, interpret_loss, map_cosine, match_size
 from distill.losses.kd import hinton_kd
+from distill.losses.multilabel import masked_bce, multilabel_kd
 
 __all__ = [
     "INTERPRET_LOSSES",
@@ -11,5 +12,7 @@ __all__ = [
     "hinton_kd",
     "interpret_loss",
     "map_cosine",
+    "masked_bce",
     "match_size",
+    "multilabel_kd",
 ]

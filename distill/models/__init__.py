@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from distill.models.vgg import VGG, vgg11_student, vgg16
 from distill.models.wrn import WideResNet, wrn16_1, wrn16_2, wrn28_10, wrn40_2
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -19,6 +20,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "wrn16_2": wrn16_2,
     "wrn28_10": wrn28_10,
     "wrn40_2": wrn40_2,
+    "vgg16": vgg16,
+    "vgg11_student": vgg11_student,
 }
 
 
@@ -48,4 +51,4 @@ def is_explainable(model: nn.Module) -> bool:
     )
 
 
-__all__ = ["MODELS", "WideResNet", "build_model", "is_explainable", "register_model"]
+__all__ = ["MODELS", "VGG", "WideResNet", "build_model", "is_explainable", "register_model"]

@@ -1,0 +1,187 @@
+"""A picture grid of explanations: one row per image (matplotlib, no display needed).
+
+Columns, with a teacher: the image | teacher Grad-CAM | teacher Grad-CAM++ | student
+Grad-CAM++ | student Guided Grad-CAM++. Without a teacher (a teacher or baseline checkpoint):
+the image | Grad-CAM | Grad-CAM++ | Guided Grad-CAM++ of the one model. The image's title is
+its label; each map's title is the method and the predicted class of the model it explains,
+green when it is the label and red otherwise. By default every model explains its own top-1 class
+(``target="pred"``); with ``target="label"`` all maps explain the label (the title then also
+says which class the map shows).
+
+Maps are overlaid with :func:`distill.explain.overlay` (min-max normalised, jet colour map);
+Guided Grad-CAM++ is shown with the usual contrast stretch (per image: subtract the mean,
+divide by the std, scale by 0.1, shift to 0.5, clip to ``[0, 1]``).
+
+The PNG is exactly ``rows * cell_px`` high and ``columns * cell_px`` wide (the figure is
+``cell_px / dpi`` inches per cell and is saved without a tight bounding box).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from distill.evaluation.faithfulness import forward_explainable, maps_for
+from distill.explain.visual import denormalize, guided_gradcam, overlay
+
+TARGETS = ("pred", "label")
+GREEN, RED, BLACK = "#1a7f37", "#cf222e", "black"
+
+
+@dataclass
+class Cell:
+    """One picture of the grid: an ``(H, W, 3)`` uint8 RGB image and its title."""
+
+    image: np.ndarray
+    title: str
+    color: str = BLACK
+    smooth: bool = False  # bilinear display interpolation (maps) instead of nearest (pixels)
+
+
+def _rgb(images: Tensor) -> list[np.ndarray]:
+    arrays = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
+    return list(arrays)
+
+
+def stretch_guided(guided: Tensor) -> Tensor:
+    """Contrast stretch of guided gradients ``(B, 3, H, W)`` for display, into ``[0, 1]``."""
+    flat = guided.flatten(1)
+    mean = flat.mean(dim=1)[:, None, None, None]
+    std = flat.std(dim=1)[:, None, None, None]
+    return ((guided - mean) / (std + 1e-5) * 0.1 + 0.5).clamp(0, 1)
+
+
+def _name(index: int, class_names: Sequence[str] | None) -> str:
+    if class_names is not None and 0 <= index < len(class_names):
+        return str(class_names[index])
+    return str(index)
+
+
+def explanation_cells(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    teacher: nn.Module | None = None,
+    class_names: Sequence[str] | None = None,
+    target: str = "pred",
+) -> list[list[Cell]]:
+    """The grid's cells, one row per image (see the module docstring for the columns).
+
+    ``images`` ``(B, 3, H, W)`` normalised with ``mean``/``std`` (``None``: already in
+    ``[0, 1]``), ``labels`` ``(B,)``; models in eval mode, on the images' device.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target '{target}' is unknown; choose one of {TARGETS}")
+    labels = labels.long().to(images.device)
+    pixels = images if mean is None else denormalize(images, mean, std)
+    columns: list[tuple[str, str, Tensor, Tensor, bool]] = []  # (who, method, pictures, preds, is_map)
+
+    def explain(who: str, net: nn.Module, methods: Sequence[str], guided: bool) -> None:
+        features, logits = forward_explainable(net, images)
+        pred = logits.detach().argmax(dim=1)
+        explained = pred if target == "pred" else labels
+        for method in methods:
+            columns.append((who, method, maps_for(net, features, logits, explained, method), pred, True))
+        if guided:
+            picture = stretch_guided(guided_gradcam(net, images, explained, "gradcampp"))
+            columns.append((who, "guided", picture, pred, False))
+
+    if teacher is not None:
+        explain("teacher", teacher, ("gradcam", "gradcampp"), guided=False)
+        explain("student", model, ("gradcampp",), guided=True)
+    else:
+        explain("", model, ("gradcam", "gradcampp"), guided=True)
+
+    titles = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "guided": "Guided Grad-CAM++"}
+    rgb = _rgb(pixels)
+    labels_cpu = labels.cpu().tolist()
+    columns_cpu = [(who, method, pics.detach().cpu(), preds.cpu().tolist(), is_map)
+                   for who, method, pics, preds, is_map in columns]
+    rows = []
+    for i, label in enumerate(labels_cpu):
+        row = [Cell(rgb[i], f"image\nlabel: {_name(label, class_names)}")]
+        for who, method, pics, preds, is_map in columns_cpu:
+            pred = preds[i]
+            title = f"{titles[method]}\n" + f"{who} pred: {_name(pred, class_names)}".strip()
+            if target == "label":
+                title += f" (map: {_name(label, class_names)})"
+            picture = overlay(pixels[i].cpu(), pics[i]) if is_map else _rgb(pics[i : i + 1])[0]
+            row.append(Cell(picture, title, GREEN if pred == label else RED, smooth=is_map))
+        rows.append(row)
+    return rows
+
+
+def grid_figure(rows: list[list[Cell]], cell_px: int = 128, dpi: int = 100):
+    """A matplotlib ``Figure`` of the cells: ``len(rows) * cell_px`` by ``columns * cell_px`` pixels."""
+    from matplotlib.figure import Figure
+
+    if not rows or not rows[0]:
+        raise ValueError("the grid needs at least one row and one column")
+    if cell_px < 16 or dpi < 10:
+        raise ValueError(f"cell_px must be >= 16 and dpi >= 10, got {cell_px} and {dpi}")
+    n_rows, n_cols = len(rows), len(rows[0])
+    fig = Figure(figsize=(n_cols * cell_px / dpi, n_rows * cell_px / dpi), dpi=dpi, layout="constrained")
+    fig.get_layout_engine().set(w_pad=1 / dpi, h_pad=1 / dpi, wspace=0.01, hspace=0.01)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    fontsize = max(3.0, cell_px / 22 * 100 / dpi)
+    for r, row in enumerate(rows):
+        for c, cell in enumerate(row):
+            ax = axes[r][c]
+            ax.imshow(cell.image, interpolation="bilinear" if cell.smooth else "nearest")
+            ax.set_title(cell.title, fontsize=fontsize, color=cell.color, pad=2, linespacing=1.1)
+            ax.set_axis_off()
+    return fig
+
+
+def figure_array(fig) -> np.ndarray:
+    """The rendered figure as an ``(H, W, 3)`` uint8 array (e.g. for ``WandbLogger.log_image``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save as PNG at the figure's own size and dpi (no tight bounding box: exact pixels)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=fig.dpi, format="png")
+    return path
+
+
+@torch.no_grad()
+def explanation_grid(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    teacher: nn.Module | None = None,
+    class_names: Sequence[str] | None = None,
+    target: str = "pred",
+    cell_px: int = 128,
+    dpi: int = 100,
+):
+    """:func:`explanation_cells` laid out by :func:`grid_figure`; returns the figure."""
+    rows = explanation_cells(model, images, labels, mean, std, teacher, class_names, target)
+    return grid_figure(rows, cell_px, dpi)
+
+
+__all__ = [
+    "Cell",
+    "TARGETS",
+    "explanation_cells",
+    "explanation_grid",
+    "figure_array",
+    "grid_figure",
+    "save_figure",
+    "stretch_guided",
+]

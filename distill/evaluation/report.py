@@ -1,0 +1,339 @@
+"""Writing results: the evaluation JSON + markdown, and the ablation summary of a multirun.
+
+``summarize_multirun(DIR)`` reads a Hydra multirun's output directory (one numbered job
+folder per run, each with the ``metrics.json`` that ``train.py`` writes, and optionally an
+``evaluation.json`` from ``scripts/evaluate.py`` in the job folder or its ``evaluation/``
+subfolder), groups the runs into variants and writes a markdown table of mean +- std over
+seeds and a bar plot (matplotlib, Agg; no display needed).
+
+Variants: the command-line overrides of each job (``<job>/.hydra/overrides.yaml``) that differ
+between jobs, ``seed`` left out (e.g. ``explain=gradcampp kd=hinton``). Without that file
+the stage / student / explain / kd recorded in ``metrics.json`` are used the same way.
+Standard deviations are sample standard deviations (``ddof=1``); with one seed only the
+mean is shown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distill.errors import DataError
+
+log = logging.getLogger("distill")
+
+METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++"}
+
+
+# --------------------------------------------------------------------------- generic writers
+def write_json(path: str | Path, payload: dict) -> Path:
+    """Atomic JSON write (``<path>.tmp`` then rename), sorted keys, parents created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; first column left-aligned, the others right-aligned."""
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    align = [":--"] + ["--:"] * (len(headers) - 1)
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+# --------------------------------------------------------------------------- evaluation report
+def evaluation_markdown(result: dict) -> str:
+    """The markdown report of one ``evaluate.py`` result (see :func:`distill.evaluation.evaluate`)."""
+    m = result["metrics"]
+    model, teacher = result["model"], result.get("teacher")
+    lines = [
+        f"# Evaluation of `{result['checkpoint']}`",
+        "",
+        f"{model['name']} ({model.get('stage')}), data `{result['data']}` {result['split']} split, "
+        f"{m['num_images']} images, explained class: the model's top-1.",
+        "",
+    ]
+    headers = ["model", "accuracy %"]
+    for method in ("gradcam", "gradcampp"):
+        headers += [f"Avg Drop % {METHOD_NAMES[method]} (lower)", f"Incr. Conf. % {METHOD_NAMES[method]} (higher)"]
+    headers.append("Win % Grad-CAM++ vs Grad-CAM")
+
+    def row(label: str, prefix: str) -> list[str]:
+        cells = [label, _fmt(m.get(f"{prefix}accuracy_pct"))]
+        for method in ("gradcam", "gradcampp"):
+            cells += [_fmt(m.get(f"{prefix}{method}/average_drop_pct")),
+                      _fmt(m.get(f"{prefix}{method}/increase_in_confidence_pct"))]
+        cells.append(_fmt(m.get(f"{prefix}win_gradcampp_vs_gradcam_pct")))
+        return cells
+
+    rows = [row(f"{'student' if teacher else 'model'} {model['name']}", "")]
+    if teacher:
+        rows.append(row(f"teacher {teacher['name']}", "teacher/"))
+    lines.append(markdown_table(headers, rows))
+    if teacher:
+        lines += [
+            f"Teacher: `{teacher['checkpoint']}`.",
+            "",
+            markdown_table(
+                ["teacher vs student", "value"],
+                [["top-1 agreement %", _fmt(m.get("agreement_pct"))],
+                 [f"map cosine (Grad-CAM++, class: {result['similarity_target']})", _fmt(m.get("map_cosine"), 4)]],
+            ),
+        ]
+    else:
+        lines += ["No teacher: pass `teacher_checkpoint=PATH` for agreement and map similarity.", ""]
+    lines += ["Conventions:", ""]
+    lines += [f"- `{k}`: {v}" for k, v in sorted(result.get("conventions", {}).items())]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- multirun summary
+@dataclass
+class Run:
+    """One finished job of a multirun."""
+
+    job_dir: Path
+    seed: Any
+    settings: dict[str, str]  # what may tell variants apart
+    metrics: dict[str, float]  # train.py's metrics.json plus `eval:<key>` from evaluation.json
+    variant: str = ""
+
+
+@dataclass
+class Column:
+    key: str  # a metrics.json key, or eval:<key> from evaluation.json
+    header: str
+    scale: float = 1.0
+    digits: int = 2
+    derived_from: str | None = None  # error % = 100 - accuracy %
+
+
+COLUMNS = [
+    Column("test/acc", "accuracy %", 100.0),
+    Column("error", "error %", 100.0, derived_from="test/acc"),
+    Column("test/agreement", "agreement %", 100.0),
+    Column("test/map_cosine", "map cosine", 1.0, digits=4),
+    Column("test/teacher_acc", "teacher accuracy %", 100.0),
+    Column("eval:gradcampp/average_drop_pct", "Avg Drop % Grad-CAM++"),
+    Column("eval:gradcampp/increase_in_confidence_pct", "Incr. Conf. % Grad-CAM++"),
+    Column("eval:win_gradcampp_vs_gradcam_pct", "Win % Grad-CAM++"),
+]
+PLOTTED = ("test/acc", "test/agreement", "test/map_cosine")
+
+
+@dataclass
+class VariantSummary:
+    variant: str
+    seeds: list[Any]
+    stats: dict[str, tuple[float, float | None]] = field(default_factory=dict)  # key -> (mean, std)
+
+
+def _job_sort_key(path: Path) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(path)))
+
+
+def _read_overrides(job_dir: Path) -> dict[str, str] | None:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    items = OmegaConf.to_container(OmegaConf.load(path)) or []
+    settings = {}
+    for item in items:
+        key, _, value = str(item).partition("=")
+        settings[key.lstrip("+~")] = value
+    return settings
+
+
+def _recorded_settings(result: dict) -> dict[str, str]:
+    config = result.get("config", {})
+    settings = {"stage": str(result.get("stage", config.get("stage")))}
+    for group in ("teacher", "student", "explain", "kd"):
+        node = config.get(group)
+        if isinstance(node, dict) and "name" in node:
+            settings[group] = str(node["name"])
+    settings["seed"] = str(config.get("seed"))
+    return settings
+
+
+def _eval_metrics(job_dir: Path) -> dict[str, float]:
+    for path in (job_dir / "evaluation.json", job_dir / "evaluation" / "evaluation.json"):
+        if path.is_file():
+            metrics = json.loads(path.read_text()).get("metrics", {})
+            return {f"eval:{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    return {}
+
+
+def collect_runs(root: str | Path) -> list[Run]:
+    """Every job under ``root`` that wrote a ``metrics.json``; jobs without one are reported."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"multirun directory '{root}' does not exist: pass the folder Hydra printed "
+                        "(logs/<task_name>/multiruns/<timestamp>)")
+    runs = []
+    for path in sorted(root.rglob("metrics.json"), key=_job_sort_key):
+        job_dir = path.parent
+        try:
+            result = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            log.warning("left out %s: not valid JSON (%s)", path, err)
+            continue
+        recorded = _recorded_settings(result)
+        settings = _read_overrides(job_dir) or recorded
+        metrics = {k: float(v) for k, v in result.get("metrics", {}).items() if isinstance(v, int | float)}
+        metrics.update(_eval_metrics(job_dir))
+        seed = settings.get("seed", recorded["seed"])
+        runs.append(Run(job_dir, seed, settings, metrics))
+    finished = {run.job_dir for run in runs}
+    unfinished = [d for d in sorted(root.iterdir(), key=_job_sort_key)
+                  if d.is_dir() and d.name.isdigit() and d not in finished]
+    for job_dir in unfinished:
+        log.warning("left out job %s: no metrics.json (the job failed or is still running)", job_dir)
+    if not runs:
+        raise DataError(f"no metrics.json under '{root}': is it the output directory of a finished "
+                        "train.py multirun (python train.py -m ...)?")
+    return runs
+
+
+def assign_variants(runs: list[Run]) -> None:
+    """Name each run's variant by the settings that differ between runs, seed left out."""
+    keys = sorted({k for run in runs for k in run.settings} - {"seed"})
+    varying = [k for k in keys if len({run.settings.get(k) for run in runs}) > 1]
+    for run in runs:
+        run.variant = " ".join(f"{k}={run.settings.get(k)}" for k in varying) or "all runs"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarize_runs(runs: list[Run], columns: Sequence[Column] = COLUMNS) -> list[VariantSummary]:
+    """Mean and sample std over the seeds of each variant (in the order variants first appear)."""
+    if not all(run.variant for run in runs):
+        assign_variants(runs)
+    summaries: dict[str, VariantSummary] = {}
+    for run in runs:
+        summaries.setdefault(run.variant, VariantSummary(run.variant, [])).seeds.append(run.seed)
+    for summary in summaries.values():
+        members = [run for run in runs if run.variant == summary.variant]
+        for column in columns:
+            source = column.derived_from or column.key
+            values = [run.metrics[source] for run in members if source in run.metrics]
+            if not values:
+                continue
+            if column.derived_from:
+                values = [1.0 - v for v in values]
+            summary.stats[column.key] = _mean_std([column.scale * v for v in values])
+    return list(summaries.values())
+
+
+def summary_markdown(summaries: list[VariantSummary], root: str | Path, columns: Sequence[Column] = COLUMNS) -> str:
+    shown = [c for c in columns if any(c.key in s.stats for s in summaries)]
+    headers = ["variant", "seeds", *[c.header for c in shown]]
+    rows = []
+    for s in summaries:
+        cells = [s.variant, str(len(s.seeds))]
+        for c in shown:
+            if c.key not in s.stats:
+                cells.append("–")
+                continue
+            mean, std = s.stats[c.key]
+            cells.append(_fmt(mean, c.digits) if std is None else f"{_fmt(mean, c.digits)} ± {_fmt(std, c.digits)}")
+        rows.append(cells)
+    return (
+        f"# Ablation summary of `{root}`\n\n"
+        "Mean ± sample standard deviation over seeds (test split, final weights); one seed: mean only.\n\n"
+        + markdown_table(headers, rows)
+    )
+
+
+def summary_plot(summaries: list[VariantSummary], path: str | Path, columns: Sequence[Column] = COLUMNS) -> Path:
+    """Bar plot, one panel per plotted metric, one bar per variant with its std as error bar."""
+    from matplotlib.figure import Figure
+
+    shown = [c for c in columns if c.key in PLOTTED and any(c.key in s.stats for s in summaries)]
+    names = [s.variant.replace(" ", "\n") for s in summaries]
+    fig = Figure(figsize=(max(4.0, 1.1 * len(summaries) + 1.5) * max(1, len(shown)) / 1.6, 3.6),
+                 dpi=120, layout="constrained")
+    axes = fig.subplots(1, max(1, len(shown)), squeeze=False)[0]
+    colors = [f"C{i % 10}" for i in range(len(summaries))]
+    for ax, column in zip(axes, shown, strict=False):
+        means = [s.stats.get(column.key, (math.nan, None))[0] for s in summaries]
+        errs = [s.stats.get(column.key, (math.nan, None))[1] or 0.0 for s in summaries]
+        ax.bar(range(len(summaries)), means, yerr=errs, color=colors, capsize=4)
+        ax.set_xticks(range(len(summaries)), names, fontsize=7)
+        ax.set_title(column.header, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    if not shown:
+        axes[0].text(0.5, 0.5, "no metrics to plot", ha="center", va="center")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def summarize_multirun(root: str | Path, out: str | Path | None = None) -> dict:
+    """Write ``<out>.md``, ``<out>.png`` and ``<out>.json`` (default ``<root>/summary``)."""
+    root = Path(root)
+    runs = collect_runs(root)
+    assign_variants(runs)
+    summaries = summarize_runs(runs)
+    prefix = Path(out) if out is not None else root / "summary"
+    markdown = write_text(prefix.with_suffix(".md"), summary_markdown(summaries, root))
+    plot = summary_plot(summaries, prefix.with_suffix(".png"))
+    payload = {
+        "root": str(root),
+        "variants": [
+            {"variant": s.variant, "seeds": s.seeds,
+             "stats": {k: {"mean": m, "std": sd} for k, (m, sd) in s.stats.items()}}
+            for s in summaries
+        ],
+        "runs": [{"job_dir": str(r.job_dir), "variant": r.variant, "seed": r.seed} for r in runs],
+    }
+    data = write_json(prefix.with_suffix(".json"), payload)
+    return {"markdown": str(markdown), "plot": str(plot), "json": str(data), "summaries": summaries}
+
+
+__all__ = [
+    "COLUMNS",
+    "Column",
+    "Run",
+    "VariantSummary",
+    "assign_variants",
+    "collect_runs",
+    "evaluation_markdown",
+    "markdown_table",
+    "summarize_multirun",
+    "summarize_runs",
+    "summary_markdown",
+    "summary_plot",
+    "write_json",
+    "write_text",
+]

@@ -1,0 +1,228 @@
+"""Time and memory of one distillation training step, with and without explanations.
+
+    python scripts/bench_step.py                      # WRN-40-2 -> WRN-16-2, batch 128
+    python scripts/bench_step.py --steps 3 --batch-size 64 --precision bf16
+
+Side by side, in one process and on the same batches, one training step (forward, loss,
+backward, SGD step) of:
+
+    CE only                       the student alone
+    CE + KD                       Hinton KD from the frozen teacher (the reference)
+    CE + KD + Grad-CAM            + explanation loss, closed-form maps (the default for WRNs)
+    CE + KD + Grad-CAM++          + explanation loss, closed-form maps (the default for WRNs)
+    ... (autograd)                the same with explain.closed_form=false: maps through
+                                  torch.autograd.grad(create_graph=True), i.e. double backward
+
+The variants run round-robin inside every step (their order rotates from step to step), so
+a load change on a shared machine hits all of them alike; the figures are medians over the
+timed steps. Memory is the bytes of the distinct storages that autograd saves for backward
+(``torch.autograd.graph.saved_tensors_hooks``, measured on a separate, untimed step),
+parameters included; on CUDA the peak allocated memory of a step is printed too.
+
+The last line is ``explain/kd time ratio: X  memory ratio: Y`` for the Grad-CAM++ step (the
+training default, closed form) against the CE + KD step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distill.models import build_model  # noqa: E402
+from distill.module import DistillModule, ExplainSettings, LossWeights  # noqa: E402
+
+KD = {"kd": 1.0, "temperature": 4.0}
+ALPHA = 0.01  # explanation-loss weight of the paper (SPEC §2)
+
+# name -> (loss weights, explain settings); None = the student alone
+VARIANTS: dict[str, tuple[LossWeights, ExplainSettings] | None] = {
+    "CE only": None,
+    "CE + KD": (LossWeights(**KD), ExplainSettings()),
+    "CE + KD + Grad-CAM": (LossWeights(**KD, explain=ALPHA), ExplainSettings(method="gradcam")),
+    "CE + KD + Grad-CAM++": (LossWeights(**KD, explain=ALPHA), ExplainSettings(method="gradcampp")),
+    "CE + KD + Grad-CAM (autograd)": (
+        LossWeights(**KD, explain=ALPHA), ExplainSettings(method="gradcam", closed_form=False)),
+    "CE + KD + Grad-CAM++ (autograd)": (
+        LossWeights(**KD, explain=ALPHA), ExplainSettings(method="gradcampp", closed_form=False)),
+}
+REFERENCE = "CE + KD"
+# min: the least-disturbed step, the best estimate of the cost on a machine shared with other
+# jobs; median: typical step; cpu: CPU seconds of this process (blind to waiting for a core).
+TIMINGS = {"min": "min_time_s", "median": "time_s", "cpu": "cpu_time_s"}
+HEADLINE = "CE + KD + Grad-CAM++"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", default="wrn40_2")
+    parser.add_argument("--student", default="wrn16_2")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    parser.add_argument("--device", default="auto", help="auto (cuda if there) | cpu | cuda | cuda:1 ...")
+    parser.add_argument("--precision", choices=("32", "bf16"), default="32",
+                        help="bf16: the step under torch.autocast(bfloat16), as trainer.precision=bf16-mixed")
+    parser.add_argument("--timing", choices=tuple(TIMINGS), default="min",
+                        help="which figure the ratios on the last two lines use (all are printed)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def optimizer_for(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+class Step:
+    """One variant: its own copy of the student (same initial weights) and its own optimizer."""
+
+    def __init__(self, name: str, student: nn.Module, teacher: nn.Module,
+                 spec: tuple[LossWeights, ExplainSettings] | None) -> None:
+        self.name = name
+        self.student = copy.deepcopy(student).train()
+        self.optimizer = optimizer_for(self.student)
+        self.module = None
+        if spec is not None:
+            weights, explain = spec
+            self.module = DistillModule(self.student, teacher, optimizer=optimizer_for, weights=weights,
+                                        explain=explain)
+            self.module.train()
+        self.times: list[float] = []  # wall-clock seconds
+        self.cpu_times: list[float] = []  # CPU seconds of this process (all threads)
+
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.module is None:
+            return F.cross_entropy(self.student(x), y)
+        terms, _ = self.module.loss_terms(x, y)
+        return self.module.total_loss(terms)
+
+    def __call__(self, x: Tensor, y: Tensor, autocast: Callable[[], contextlib.AbstractContextManager]) -> Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = self.loss(x, y)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def saved_bytes(step: Step, x: Tensor, y: Tensor, autocast) -> int:
+    """Bytes of the distinct storages saved for backward during one forward (incl. inner grads)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    step.optimizer.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+        loss = step.loss(x, y)
+    loss.backward()
+    step.optimizer.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def peak_bytes(step: Step, x: Tensor, y: Tensor, autocast, device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step(x, y, autocast)
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    torch.manual_seed(args.seed)
+    teacher = build_model(args.teacher, 10).to(device).eval().requires_grad_(False)
+    student = build_model(args.student, 10).to(device)
+    steps = [Step(name, student, teacher, spec) for name, spec in VARIANTS.items()]
+    if args.precision == "bf16":
+        def autocast():
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+    else:
+        autocast = contextlib.nullcontext
+
+    gen = torch.Generator().manual_seed(args.seed)
+    shape = (args.batch_size, 3, args.image_size, args.image_size)
+    batches = [(torch.randn(shape, generator=gen).to(device), torch.randint(0, 10, (args.batch_size,),
+                                                                            generator=gen).to(device))
+               for _ in range(args.warmup + args.steps)]
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"{args.teacher} -> {args.student}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
+          f"precision {args.precision}, device {device} ({where}), torch {torch.__version__}")
+    print(f"{args.warmup} warm-up + {args.steps} timed steps per variant, round-robin")
+
+    for i, (x, y) in enumerate(batches):
+        order = steps[i % len(steps):] + steps[: i % len(steps)]
+        for step in order:
+            synchronize(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            step(x, y, autocast)
+            synchronize(device)
+            if i >= args.warmup:
+                step.times.append(time.perf_counter() - start)
+                step.cpu_times.append(time.process_time() - cpu_start)
+
+    x, y = batches[0]
+    results: dict[str, dict[str, float]] = {}
+    for step in steps:
+        results[step.name] = {
+            "time_s": statistics.median(step.times),
+            "min_time_s": min(step.times),
+            "cpu_time_s": statistics.median(step.cpu_times),
+            "saved_bytes": saved_bytes(step, x, y, autocast),
+        }
+        peak = peak_bytes(step, x, y, autocast, device)
+        if peak is not None:
+            results[step.name]["peak_bytes"] = peak
+
+    ref = results[REFERENCE]
+    header = (f"{'step':34s} {'median ms':>9s} {'x KD':>6s} {'min ms':>9s} {'x KD':>6s} {'cpu ms':>9s} "
+              f"{'x KD':>6s} {'saved MiB':>10s} {'x KD':>6s}")
+    has_peak = "peak_bytes" in ref
+    if has_peak:
+        header += f" {'peak MiB':>9s} {'x KD':>6s}"
+    print(header)
+    for name, r in results.items():
+        line = "".join(f"{1e3 * r[k]:9.1f} {r[k] / ref[k]:6.3f} " for k in ("time_s", "min_time_s", "cpu_time_s"))
+        line = (f"{name:34s} {line}"
+                f"{r['saved_bytes'] / 2**20:10.1f} {r['saved_bytes'] / ref['saved_bytes']:6.3f}")
+        if has_peak:
+            line += f" {r['peak_bytes'] / 2**20:9.1f} {r['peak_bytes'] / ref['peak_bytes']:6.3f}"
+        print(line)
+    key = TIMINGS[args.timing]
+    closed, forced = results[HEADLINE], results[HEADLINE + " (autograd)"]
+    print(f"ratios below: {args.timing} step time; memory = bytes saved for backward")
+    print(f"closed form vs forced autograd (Grad-CAM++): time x{closed[key] / forced[key]:.3f}, "
+          f"memory x{closed['saved_bytes'] / forced['saved_bytes']:.3f}")
+    head = results[HEADLINE]
+    print(f"explain/kd time ratio: {head[key] / ref[key]:.3f}  "
+          f"memory ratio: {head['saved_bytes'] / ref['saved_bytes']:.3f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
