@@ -72,3 +72,22 @@ def test_offline_wandb_run_holds_config_metrics_and_checkpoint_paths(tmp_path, m
     assert history["test/acc"][-1] == pytest.approx(result["metrics"]["test/acc"])
     assert config["stage"] == "baseline" and config["optim"]["optimizer"]["lr"] == 0.1
     assert config["checkpoint/best"].endswith("best.ckpt") and config["checkpoint/last"].endswith("last.ckpt")
+
+
+def test_explanation_panels_land_in_the_offline_run_media(tmp_path):
+    cfg = compose_config(tmp_path, ["experiment=smoke", "logger=wandb", "explain=gradcampp", "trainer.max_epochs=2",
+                                    "explanation_panel.every_n_epochs=1", "explanation_panel.num_images=4"])
+    run(cfg)
+    wandb.teardown()
+    distill_runs = [p for p in (tmp_path / "wandb").glob("offline-run-*")
+                    if (tmp_path / "wandb_run_id").read_text() in p.name]
+    (run_dir,) = distill_runs
+    images = sorted((run_dir / "files" / "media" / "images").glob("val/explanations_*.png"))
+    assert len(images) == 2  # one panel per epoch
+    from PIL import Image
+
+    panel = Image.open(images[-1])
+    assert panel.size == (3 * 16, 4 * 16)  # image | teacher | student, 4 rows of 16x16 smoke images
+    records = read_wandb_records(next(run_dir.glob("run-*.wandb")))
+    history, _ = logged(records)
+    assert any(key.startswith("val/explanations") for key in history)
