@@ -295,6 +295,8 @@ class DistillModule(ClassifierModule):
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: tuple[Tensor, ...], stage: str) -> None:
         x, y = batch[0], batch[1]
+        if torch.is_inference_mode_enabled():
+            raise ConfigError("explanation maps need autograd at evaluation: set trainer.inference_mode=false")
         method = self.explain.eval_method
         t_features, t_logits, _ = self.teacher_forward(x, method)
         s_features = self.model.forward_features(x)

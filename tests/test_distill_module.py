@@ -171,3 +171,12 @@ def test_checkpoint_excludes_teacher_and_resumes(tmp_path):
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
     trainer2.fit(fresh, loader, loader, ckpt_path=path)  # strict load: teacher keys re-inserted
     assert trainer2.current_epoch == 2
+
+
+def test_inference_mode_evaluation_is_refused_with_the_fix(tmp_path):
+    module = make_module(ALL_TERMS)
+    x, y = batch(8)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, inference_mode=True)
+    with pytest.raises(ConfigError, match="trainer.inference_mode=false"):
+        trainer.validate(module, DataLoader(TensorDataset(x, y), batch_size=8))
