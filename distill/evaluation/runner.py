@@ -1,0 +1,372 @@
+"""What ``scripts/evaluate.py`` and ``scripts/visualize.py`` share: loading a checkpoint's
+network, its teacher and its data back, and the two runs themselves (:func:`evaluate`,
+:func:`visualize`), each driven by a Hydra config (``configs/evaluate.yaml``,
+``configs/visualize.yaml``). User mistakes raise :class:`distill.errors.DistillError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from distill.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger("distill")
+
+
+# --------------------------------------------------------------------------- loading
+@dataclass
+class LoadedModel:
+    """A network rebuilt from a distill checkpoint, in eval mode with frozen parameters."""
+
+    model: nn.Module
+    path: Path
+    hparams: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.hparams["model_name"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.hparams["num_classes"])
+
+
+def _model_options(hparams: dict) -> dict:
+    """Model options recorded in the config (``cfg.teacher`` / ``cfg.student`` minus bookkeeping).
+
+    The weights come from the checkpoint, so ``pretrained`` is switched off (no download).
+    """
+    config = hparams.get("config") or {}
+    node = config.get("teacher" if hparams.get("stage") == "teacher" else "student") or {}
+    if node.get("name") != hparams.get("model_name"):
+        return {}
+    options = {k: v for k, v in node.items() if k not in ("name", "checkpoint", "compile")}
+    if "pretrained" in options:
+        options["pretrained"] = False
+    return options
+
+
+def load_model(path: str | Path, what: str = "checkpoint") -> LoadedModel:
+    """Rebuild the ``model.*`` network of a distill checkpoint (any stage), in eval mode."""
+    from distill.checkpoints import read_checkpoint
+    from distill.models import build_model, is_explainable
+
+    path = Path(path)
+    checkpoint = read_checkpoint(path, what)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    if "model_name" not in hparams or "num_classes" not in hparams:
+        raise CheckpointError(f"{what} '{path}' records no model_name / num_classes in its hyper_parameters: "
+                              "it was not written by train.py")
+    try:
+        model = build_model(hparams["model_name"], int(hparams["num_classes"]), **_model_options(hparams))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{what} '{path}': cannot rebuild its network ({err})") from None
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{what} '{path}' does not fit a {hparams['model_name']}: "
+                              f"{str(err).splitlines()[0]}") from None
+    if not is_explainable(model):
+        raise ConfigError(f"{what} '{path}': {hparams['model_name']} has no forward_features/forward_head, "
+                          "so it cannot be explained")
+    return LoadedModel(model.eval().requires_grad_(False), path, hparams)
+
+
+def teacher_path(explicit: str | None, hparams: dict) -> Path | None:
+    """The teacher to compare with: ``explicit``, else the one recorded in a distilled student's
+    checkpoint when that file still exists, else ``None`` (with a log line saying why)."""
+    if explicit:
+        return Path(explicit)
+    recorded = hparams.get("teacher_checkpoint")
+    if not recorded:
+        log.info("No teacher: the checkpoint is a %s model; pass teacher_checkpoint=PATH for agreement and "
+                 "map similarity.", hparams.get("stage", "non-distilled"))
+        return None
+    if not Path(recorded).is_file():
+        log.warning("The recorded teacher checkpoint %s does not exist (any more): teacher metrics are left "
+                    "out. Pass teacher_checkpoint=PATH to use another file.", recorded)
+        return None
+    return Path(recorded)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU; or any ``torch.device`` string."""
+    import torch
+
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(str(name))
+    except RuntimeError:
+        raise ConfigError(f"device '{name}' is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA GPU is available here: use device=auto or device=cpu")
+    return device
+
+
+def build_datamodule(hparams: dict, overrides: dict | None, batch_size: int | None, split: str = "test"):
+    """The checkpoint's DataModule (its recorded ``config.data``, updated by the non-null
+    ``overrides``), set up, with ``batch_size`` as its evaluation batch size."""
+    from distill.run import instantiate
+
+    if split not in ("test", "val"):
+        raise ConfigError(f"split '{split}' is unknown; choose test or val")
+    node = dict((hparams.get("config") or {}).get("data") or {})
+    node.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if not node.get("_target_"):
+        raise ConfigError("the checkpoint records no data config: give one with data._target_=... and its "
+                          "arguments (+data.KEY=VALUE)")
+    if batch_size is not None:
+        if int(batch_size) < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        node["eval_batch_size"] = int(batch_size)
+    datamodule = instantiate(OmegaConf.create(node), "the data (data=...)")
+    task = getattr(datamodule, "task", "multiclass")
+    if task != "multiclass":
+        raise ConfigError(f"the data is a {task} task; faithfulness and agreement are implemented for "
+                          "single-label (multiclass) data only")
+    datamodule.prepare_data()
+    datamodule.setup("test" if split == "test" else "validate")
+    return datamodule
+
+
+def data_stats(datamodule) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+    if mean is None or std is None:
+        return None, None
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+@dataclass
+class Session:
+    """Everything an evaluation or a picture needs, loaded from the config."""
+
+    student: LoadedModel
+    teacher: LoadedModel | None
+    datamodule: Any
+    device: torch.device
+
+
+def check_paths(cfg: DictConfig) -> None:
+    """Fail fast (before torch is imported) on a missing checkpoint argument or file."""
+    if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
+        raise ConfigError("no checkpoint given: add checkpoint=PATH (a .ckpt written by train.py)")
+    for key, what in (("checkpoint", "checkpoint"), ("teacher_checkpoint", "teacher checkpoint")):
+        path = cfg.get(key)
+        if path and not Path(path).is_file():
+            raise CheckpointError(f"{what} '{path}' does not exist: check the path")
+
+
+def open_session(cfg: DictConfig) -> Session:
+    check_paths(cfg)
+    device = resolve_device(cfg.get("device", "auto"))
+    student = load_model(cfg.checkpoint, "checkpoint")
+    path = teacher_path(cfg.get("teacher_checkpoint"), student.hparams)
+    teacher = load_model(path, "teacher checkpoint") if path is not None else None
+    if teacher is not None and teacher.num_classes != student.num_classes:
+        raise ConfigError(f"the teacher has {teacher.num_classes} classes but the checkpoint's model has "
+                          f"{student.num_classes}: pass a teacher_checkpoint trained on the same data")
+    overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
+    datamodule = build_datamodule(student.hparams, overrides, cfg.get("batch_size"), cfg.get("split", "test"))
+    if int(datamodule.num_classes) != student.num_classes:
+        raise ConfigError(f"the data has {datamodule.num_classes} classes but the checkpoint's model has "
+                          f"{student.num_classes}: evaluate it on the data it was trained for")
+    student.model.to(device)
+    if teacher is not None:
+        teacher.model.to(device)
+    return Session(student, teacher, datamodule, device)
+
+
+def _loader(session: Session, split: str, limit_batches: int | None, seed: int = 0):
+    """The split's loader; with ``limit_batches``, a fixed random subset of
+    ``limit_batches * batch size`` images (seeded), not the first ones: image folders are
+    sorted by class, so the first batches would hold one class only."""
+    dm = session.datamodule
+    loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
+    dataset = loader.dataset
+    if limit_batches is None or limit_batches * loader.batch_size >= len(dataset):
+        return loader
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    generator = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(len(dataset), generator=generator)[: limit_batches * loader.batch_size]
+    return DataLoader(Subset(dataset, sorted(picked.tolist())), batch_size=loader.batch_size, shuffle=False,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+
+
+def _dataset(session: Session, split: str):
+    dm = session.datamodule
+    return dm.test_set if split == "test" else dm.val_set
+
+
+# --------------------------------------------------------------------------- logging
+def _log_results(cfg: DictConfig, name: str, hparams: dict, metrics: dict | None = None,
+                 image=None, caption: str = "") -> None:
+    """Send results to the configured logger (``logger=wandb|csv``); nothing without one."""
+    if not cfg.get("logger"):
+        return
+    from lightning.pytorch.loggers import WandbLogger
+
+    from distill.run import build_logger
+
+    logger = build_logger(cfg, name)
+    if logger is None:
+        return
+    logger.log_hyperparams(hparams)
+    if metrics:
+        logger.log_metrics({f"eval/{k}": float(v) for k, v in metrics.items()}, step=0)
+    if isinstance(logger, WandbLogger):
+        if metrics:
+            logger.log_table("eval/table", columns=["metric", "value"],
+                             data=[[k, float(v)] for k, v in sorted(metrics.items())])
+        if image is not None:
+            logger.log_image("eval/explanations", [image], caption=[caption])
+        if logger._offline:
+            log.info("W&B ran offline (no credentials). Sync it later with: wandb sync %s",
+                     Path(logger.experiment.dir).parent)
+        logger.experiment.finish()
+        return
+    if image is not None:
+        log.info("The %s logger cannot hold images; the picture is in the output folder.", type(logger).__name__)
+    logger.save()
+    logger.finalize("success")
+
+
+def _describe(loaded: LoadedModel | None) -> dict | None:
+    if loaded is None:
+        return None
+    h = loaded.hparams
+    return {"name": loaded.name, "checkpoint": str(loaded.path), "stage": h.get("stage"),
+            "data": h.get("data_name"), "num_classes": loaded.num_classes}
+
+
+def _run_name(prefix: str, loaded: LoadedModel) -> str:
+    return f"{prefix}-{loaded.name}-{loaded.path.parent.parent.name or loaded.path.stem}-{loaded.path.stem}"
+
+
+# --------------------------------------------------------------------------- the two runs
+def evaluate(cfg: DictConfig) -> dict:
+    """Accuracy, Average Drop / Increase in Confidence (Grad-CAM, Grad-CAM++), Win %, and with a
+    teacher top-1 agreement and map similarity, over the test set; writes
+    ``<output_dir>/evaluation.json`` and ``evaluation.md`` and returns the JSON payload."""
+    from distill.evaluation.faithfulness import CONVENTIONS, SIMILARITY_TARGETS, ScoreAccumulator, evaluate_batch
+    from distill.evaluation.report import evaluation_markdown, write_json, write_text
+
+    similarity = cfg.get("similarity_target", "label")
+    if similarity not in SIMILARITY_TARGETS:
+        raise ConfigError(f"similarity_target '{similarity}' is unknown; choose one of {SIMILARITY_TARGETS}")
+    limit = cfg.get("limit_batches")
+    if limit is not None and int(limit) < 1:
+        raise ConfigError(f"limit_batches must be >= 1 or null, got {limit}")
+    split = cfg.get("split", "test")
+    session = open_session(cfg)
+    mean, std = data_stats(session.datamodule)
+    teacher = session.teacher.model if session.teacher is not None else None
+    scores = ScoreAccumulator().to(session.device)
+    non_blocking = session.device.type == "cuda"
+    loader = _loader(session, split, None if limit is None else int(limit), int(cfg.get("seed", 0)))
+    for batch in loader:
+        images = batch[0].to(session.device, non_blocking=non_blocking)
+        labels = batch[1].to(session.device, non_blocking=non_blocking)
+        scores.update(evaluate_batch(session.student.model, images, labels, mean, std, teacher=teacher,
+                                     similarity_target=similarity,
+                                     explain_teacher=bool(cfg.get("explain_teacher", True))))
+    metrics = scores.compute()
+    if not metrics["num_images"]:
+        raise ConfigError(f"the {split} split has no images to evaluate")
+    metrics["error_pct"] = 100.0 - metrics["accuracy_pct"]
+    if "teacher/accuracy_pct" in metrics:
+        metrics["teacher/error_pct"] = 100.0 - metrics["teacher/accuracy_pct"]
+    out = Path(cfg.output_dir)
+    result = {
+        "checkpoint": str(session.student.path),
+        "model": _describe(session.student),
+        "teacher": _describe(session.teacher),
+        "data": session.datamodule.name,
+        "split": split,
+        "limit_batches": limit,
+        "similarity_target": similarity,
+        "device": str(session.device),
+        "metrics": metrics,
+        "conventions": CONVENTIONS,
+    }
+    json_path = write_json(out / "evaluation.json", result)
+    md_path = write_text(out / "evaluation.md", evaluation_markdown(result))
+    log.info("evaluation of %s on %d images: %s and %s", session.student.path, metrics["num_images"],
+             json_path, md_path)
+    _log_results(cfg, _run_name("eval", session.student),
+                 {"checkpoint": result["checkpoint"], "teacher_checkpoint": (result["teacher"] or {}).get("checkpoint"),
+                  "split": split, "similarity_target": similarity}, metrics)
+    return result
+
+
+def visualize(cfg: DictConfig) -> Path:
+    """The explanation grid of ``num_images`` test images (or ``indices``) as a PNG."""
+    import torch
+
+    from distill.evaluation.grid import TARGETS, explanation_grid, figure_array, save_figure
+
+    target = cfg.get("target", "pred")
+    if target not in TARGETS:
+        raise ConfigError(f"target '{target}' is unknown; choose one of {TARGETS}")
+    split = cfg.get("split", "test")
+    session = open_session(cfg)
+    dataset = _dataset(session, split)
+    if cfg.get("indices"):
+        indices = [int(i) for i in cfg.indices]
+    else:
+        if int(cfg.num_images) < 1:
+            raise ConfigError(f"num_images must be >= 1, got {cfg.num_images}")
+        # Evenly spaced over the split: image folders are sorted by class.
+        count = min(int(cfg.num_images), len(dataset))
+        indices = [round(k * (len(dataset) - 1) / max(count - 1, 1)) for k in range(count)]
+    bad = [i for i in indices if not 0 <= i < len(dataset)]
+    if bad or not indices:
+        raise ConfigError(f"indices {bad or indices} are not in the {split} split's 0..{len(dataset) - 1}")
+    items = [dataset[i] for i in indices]
+    images = torch.stack([torch.as_tensor(item[0]) for item in items]).to(session.device)
+    labels = torch.as_tensor([int(item[1]) for item in items]).to(session.device)
+    mean, std = data_stats(session.datamodule)
+    teacher = session.teacher.model if session.teacher is not None else None
+    fig = explanation_grid(session.student.model, images, labels, mean, std, teacher=teacher,
+                           class_names=getattr(session.datamodule, "class_names", None), target=target,
+                           cell_px=int(cfg.cell_px), dpi=int(cfg.dpi))
+    path = save_figure(fig, Path(cfg.output_dir) / cfg.get("filename", "explanations.png"))
+    log.info("explanation grid of %d %s images: %s", len(indices), split, path)
+    if cfg.get("logger"):
+        caption = (f"{session.student.name}: image | "
+                   + ("teacher Grad-CAM | teacher Grad-CAM++ | student Grad-CAM++ | student Guided Grad-CAM++"
+                      if teacher is not None else "Grad-CAM | Grad-CAM++ | Guided Grad-CAM++"))
+        _log_results(cfg, _run_name("visualize", session.student),
+                     {"checkpoint": str(session.student.path), "indices": indices, "target": target},
+                     image=figure_array(fig), caption=caption)
+    return path
+
+
+def run_script(function, cfg: DictConfig):
+    """Run ``function(cfg)``; a ``DistillError`` becomes one line on stderr and exit status 2."""
+    import sys
+
+    from distill.errors import DistillError
+
+    try:
+        check_paths(cfg)
+        return function(cfg)
+    except DistillError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
