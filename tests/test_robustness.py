@@ -173,7 +173,7 @@ def test_image_folder_root_errors(case, tmp_path):
         root.mkdir()
     if case == "no_test_split":
         (root / "train" / "cat").mkdir(parents=True)
-    cfg = compose_config(tmp_path, ["experiment=smoke", "logger=none", "stage=baseline", "data=image_folder",
+    cfg = compose_config(tmp_path, ["trainer=cpu", "logger=none", "stage=baseline", "data=image_folder",
                                     f"data.root={root}"])
     with pytest.raises(DataError, match=str(root)):
         run(cfg)

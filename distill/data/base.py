@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distill.data.on_device import DeviceBatches, UInt8Images
 from distill.errors import ConfigError
@@ -38,6 +38,34 @@ class TransformSubset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, int(label)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random order that depends only on ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` before every training epoch, and the DataLoader draws its
+    worker seeds from :attr:`generator`, reseeded there too. So epoch ``k`` sees the same order
+    and augmentation whether the run got there straight or was resumed from a checkpoint.
+    """
+
+    def __init__(self, num_items: int, seed: int) -> None:
+        self.num_items, self.seed, self.epoch = num_items, seed, 0
+        self.generator = torch.Generator()
+        self.set_epoch(0)
+
+    def _epoch_seed(self) -> int:
+        return self.seed * 1_000_003 + self.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.generator.manual_seed(self._epoch_seed())
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.Generator().manual_seed(self._epoch_seed())
+        return iter(torch.randperm(self.num_items, generator=order).tolist())
 
 
 def _check_int(value: Any, what: str, minimum: int) -> int:
@@ -169,10 +197,12 @@ class BaseDataModule(pl.LightningDataModule):
             padding = max(1, round(min(self.image_size) / 8))  # as cifar_train_transform
             return DeviceBatches.for_trainer(dataset, batch_size, self.trainer, train=train,
                                              augment=self.augment, seed=self.seed, padding=padding)
+        sampler = EpochShuffleSampler(len(dataset), self.seed) if train else None
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
+            sampler=sampler,
+            generator=sampler.generator if train else None,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

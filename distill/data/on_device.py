@@ -20,6 +20,7 @@ The augmentation equals ``distill.data.transforms.cifar_train_transform`` (torch
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -50,6 +51,21 @@ def normalize_uint8(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """``uint8 (B, C, H, W)`` -> ``float32 ((x / 255) - mean) / std`` (``mean``, ``std`` ``(C,)``)."""
     x = images.to(torch.float32).div_(255.0)
     return x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """On the CPU, make a batch with one thread: the ops are small and memory-bound, and an
+    OpenMP thread team costs more than it saves (much more when training keeps the cores busy)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class UInt8Images(Dataset):
@@ -99,7 +115,9 @@ class DeviceBatches:
 
     ``train=True``: shuffled every epoch, padded random crop + flip when ``augment``, last
     incomplete batch dropped. ``train=False``: in order, no augmentation, every image once
-    (the last batch may be smaller); under DDP rank ``r`` gets images ``r, r + W, ...``.
+    (the last batch may be smaller); under DDP rank ``r`` gets images ``r, r + W, ...`` (so
+    no image is evaluated twice; ranks may then differ by one batch, which is fine as long as
+    evaluation does no per-step collective, e.g. ``self.log(..., sync_dist=True)`` per step).
     """
 
     def __init__(
@@ -170,30 +188,32 @@ class DeviceBatches:
         flip = torch.randint(0, 2, (n,), generator=gen).bool()
         return perm, offsets[0], offsets[1], flip
 
-    def indices(self, epoch: int) -> Tensor:
+    def indices(self, epoch: int, perm: Tensor | None = None) -> Tensor:
         """This rank's image indices for ``epoch``, in batch order (CPU)."""
         n = len(self.images)
         if not self.train:
             return torch.arange(self.rank, n, self.world_size)
-        perm = self.epoch_draws(epoch)[0]
+        perm = self.epoch_draws(epoch)[0] if perm is None else perm
         return perm[self.rank: (n // self.world_size) * self.world_size: self.world_size]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         epoch = self.sampler.epoch
-        index = self.indices(epoch)
+        perm, dy, dx, flip = self.epoch_draws(epoch) if self.train else (None, None, None, None)
+        index = self.indices(epoch, perm)
         if self.augment:
-            _, dy, dx, flip = self.epoch_draws(epoch)
             # One small host-to-device copy per epoch; nothing per batch goes through the host.
             draws = torch.stack([dy[index], dx[index], flip[index].long()]).to(self.device, non_blocking=True)
         index = index.to(self.device, non_blocking=True)
         for i in range(len(self)):
             batch = slice(i * self.batch_size, (i + 1) * self.batch_size)
-            idx = index[batch]
-            images = self.images[idx]
-            if self.augment:
-                dy, dx, flip = draws[:, batch]
-                images = crop_flip(images, dy, dx, flip.bool(), self.padding)
-            yield normalize_uint8(images, self.mean, self.std), self.labels[idx]
+            with one_cpu_thread(self.device):
+                idx = index[batch]
+                images = self.images[idx]
+                if self.augment:
+                    dy, dx, flip = draws[:, batch]
+                    images = crop_flip(images, dy, dx, flip.bool(), self.padding)
+                out = normalize_uint8(images, self.mean, self.std), self.labels[idx]
+            yield out
 
     def __repr__(self) -> str:
         return (f"DeviceBatches({len(self.images)} images on {self.device}, batch_size={self.batch_size}, "
