@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 import torch
 from torchvision.datasets import CIFAR10
@@ -52,32 +53,14 @@ class CIFAR10DataModule(BaseDataModule):
         *,
         name: str = "cifar10",
         num_classes: int = 10,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        seed: int = 0,
-        train_subset: int | None = None,
-        val_split: float = 0.0,
-        augment: bool = True,
-        on_device: bool = False,
+        **common: Any,
     ):
         if num_classes != 10:
             raise ConfigError(
                 f"CIFAR-10 has 10 classes but data.num_classes={num_classes!r}; "
                 f"set data.num_classes=10"
             )
-        super().__init__(
-            name=name,
-            num_classes=num_classes,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            train_subset=train_subset,
-            val_split=val_split,
-            augment=augment,
-            on_device=on_device,
-        )
+        super().__init__(name=name, num_classes=num_classes, **common)
         self.root = Path(root).expanduser().resolve()
         self.download = bool(download)
         self.image_size: tuple[int, int] = (32, 32)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from torchvision.datasets import ImageFolder
@@ -53,27 +54,9 @@ class ImageFolderDataModule(BaseDataModule):
         *,
         name: str = "image_folder",
         num_classes: int,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        seed: int = 0,
-        train_subset: int | None = None,
-        val_split: float = 0.0,
-        augment: bool = True,
-        on_device: bool = False,
+        **common: Any,
     ):
-        super().__init__(
-            name=name,
-            num_classes=num_classes,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            train_subset=train_subset,
-            val_split=val_split,
-            augment=augment,
-            on_device=on_device,
-        )
+        super().__init__(name=name, num_classes=num_classes, **common)
         try:
             self.image_size: tuple[int, int] = to_size(image_size)
             self.mean = to_stats(mean, "mean")

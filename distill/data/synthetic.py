@@ -14,6 +14,7 @@ compatibility and has no effect (the images already carry noise).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,25 +37,10 @@ class SyntheticDataModule(BaseDataModule):
         *,
         name: str = "synthetic",
         num_classes: int = 10,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 0,
-        train_subset: int | None = None,
-        val_split: float = 0.0,
-        augment: bool = True,
+        **common: Any,
     ):
-        super().__init__(
-            name=name,
-            num_classes=num_classes,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            train_subset=train_subset,
-            val_split=val_split,
-            augment=augment,
-        )
+        common.setdefault("num_workers", 0)
+        super().__init__(name=name, num_classes=num_classes, **common)
         self.num_train = _check_int(num_train, "num_train", 1)
         self.num_val = _check_int(num_val, "num_val", 1)
         try:

@@ -24,6 +24,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -177,22 +178,15 @@ class VOC2007DataModule(BaseDataModule):
         *,
         name: str = "voc2007",
         num_classes: int = 20,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 4,
-        seed: int = 0,
-        train_subset: int | None = None,
-        val_split: float = 0.0,
-        augment: bool = True,
+        **common: Any,
     ):
         if num_classes != len(VOC_CLASSES):
             raise ConfigError(
                 f"PASCAL VOC has 20 classes but data.num_classes={num_classes!r}; set data.num_classes=20"
             )
-        super().__init__(
-            name=name, num_classes=num_classes, batch_size=batch_size, eval_batch_size=eval_batch_size,
-            num_workers=num_workers, seed=seed, train_subset=train_subset, val_split=val_split, augment=augment,
-        )
+        common.setdefault("batch_size", 32)
+        common.setdefault("num_workers", 4)
+        super().__init__(name=name, num_classes=num_classes, **common)
         try:
             self.image_size: tuple[int, int] = to_size(image_size)
         except ValueError as e:
