@@ -221,7 +221,7 @@ class DistillModule(ClassifierModule):
             teacher_state = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
             checkpoint["state_dict"].update(teacher_state)
 
-    def setup(self, stage: str) -> None:  # issue 6: float16 only where no map needs an inner gradient
+    def setup(self, stage: str) -> None:  # float16 only where no map needs an inner gradient
         methods = {self.explain.eval_method, self.explain.method if self.weights.explain > 0 else None}
         check_map_precision(self.trainer.precision, any(
             self._needs_head_grad(model, method) for model in (self.teacher, self.model) for method in methods))
@@ -253,7 +253,7 @@ class DistillModule(ClassifierModule):
 
     def maps(self, model: nn.Module, logits: Tensor, features: Tensor, target: Tensor, method: str,
              create_graph: bool) -> Tensor:
-        hook = getattr(model, "map_logits", None)  # issue 5: dropout heads (VGG) give maps with dropout off
+        hook = getattr(model, "map_logits", None)  # dropout heads (VGG) give maps with dropout off
         logits = logits if hook is None else hook(features, logits)
         return model_maps(model, logits, features, target, method, create_graph, self.explain.closed_form)
 

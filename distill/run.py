@@ -8,7 +8,6 @@ and ``checkpoints/last.ckpt`` (saved atomically), ``metrics.json`` at the end, a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -25,13 +24,13 @@ import torch
 from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
-from lightning.pytorch.strategies.launchers import subprocess_script as ddp_launcher
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from distill.callbacks import EpochSeeding, EpochTimer, ExplanationPanel
 from distill.callbacks_localization import localization_callbacks
 from distill.checkpoints import AtomicCheckpointIO, load_network
+from distill.ddp import ddp_barrier, ddp_job
 from distill.errors import ConfigError, DistillError
 from distill.models import build_model, is_explainable
 from distill.module import ClassifierModule, DistillModule, ExplainSettings, LossWeights
@@ -109,13 +108,13 @@ def build_logger(cfg: DictConfig, run_name: str, run_dir: Path | None = None) ->
 
 
 def remember_wandb_run(logger: Logger | None, run_dir: Path) -> None:
-    if isinstance(logger, WandbLogger) and rank_zero_only.rank == 0:  # issue 6: DDP ranks > 0 have no run
+    if isinstance(logger, WandbLogger) and rank_zero_only.rank == 0:  # DDP ranks > 0 have no W&B run
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / WANDB_ID_FILE).write_text(str(logger.experiment.id))  # starts the run
 
 
 def finish_logger(logger: Logger | None) -> None:
-    if not isinstance(logger, WandbLogger) or rank_zero_only.rank != 0:  # issue 6: DDP ranks > 0 have no run
+    if not isinstance(logger, WandbLogger) or rank_zero_only.rank != 0:  # DDP ranks > 0 have no W&B run
         return
     if logger._offline:
         log.info("W&B ran offline (no credentials). Sync it later with: wandb sync %s",
@@ -159,7 +158,7 @@ def network(cfg: DictConfig, role: str) -> torch.nn.Module:
 
 
 def task_of(datamodule: pl.LightningDataModule, num_classes: int):
-    options = getattr(datamodule, "task_options", {})  # issue 5: e.g. VOC's max_map_targets
+    options = getattr(datamodule, "task_options", {})  # e.g. VOC's max_map_targets
     return build_task(getattr(datamodule, "task", "multiclass"), num_classes, **options)
 
 
@@ -220,7 +219,7 @@ def fit_and_test(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.Lig
     logger = build_logger(cfg, run_name(cfg, stage), run_dir)
     remember_wandb_run(logger, run_dir)
     ckpt = checkpoint_callback(run_dir, monitor=f"val/{module.task.score_name}")
-    extra_callbacks = [*extra_callbacks, *localization_callbacks(datamodule)]  # issue 5: VOC box localisation
+    extra_callbacks = [*extra_callbacks, *localization_callbacks(datamodule)]  # VOC box localisation
     trainer = build_trainer(cfg, logger, [ckpt, *extra_callbacks])
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -252,7 +251,7 @@ def train_teacher(cfg: DictConfig, datamodule: pl.LightningDataModule, target: P
     """Train the teacher in ``run_dir``; only a finished run is published to ``target``
     (best) and ``<target stem>-last.ckpt``, so a killed run never leaves a half-trained teacher."""
     result = train_classifier(cfg, datamodule, "teacher", "teacher", run_dir)
-    if rank_zero_only.rank == 0:  # issue 6: under DDP rank 0 publishes, the other ranks wait for it
+    if rank_zero_only.rank == 0:  # under DDP rank 0 publishes, the other ranks wait for it
         publish(result["checkpoint/best"] or result["checkpoint/last"], target)
         publish(result["checkpoint/last"], target.with_name(f"{target.stem}-last.ckpt"))
     ddp_barrier()
@@ -291,7 +290,7 @@ def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
                 f"explain={cfg.explain.name} needs a {role} with forward_features/forward_head; "
                 f"{cfg[role].name} has none: use explain=none or an explainable model"
             )
-    for role, model in (("teacher", teacher), ("student", student)):  # issue 6: the backbone only; the head
+    for role, model in (("teacher", teacher), ("student", student)):  # the backbone only; the head
         if cfg[role].get("compile"):  # stays eager, so the maps' double backward never enters compiled code
             model.forward_features = torch.compile(model.forward_features)
     weights = LossWeights(ce=cfg.kd.ce_weight, kd=cfg.kd.kd_weight, temperature=cfg.kd.temperature,
@@ -352,74 +351,15 @@ def run(cfg: DictConfig) -> dict:
         result = distill(cfg, datamodule)
     result["config"] = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
                         for k in ("stage", "seed", "teacher", "student", "explain", "kd")}
-    if rank_zero_only.rank == 0:  # issue 6: one writer under DDP
+    if rank_zero_only.rank == 0:  # one writer under DDP
         write_json(run_dir / "metrics.json", result)
     return result
-
-
-# ---------------------------------------------------------------------------- DDP under Hydra (issue 6)
-def ddp_barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-HYDRA_FLAGS_WITH_VALUE = ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir")
-
-
-def hydra_ddp_command(local_rank: int) -> tuple[list[str], str]:
-    """The command Lightning's DDP launcher runs for rank ``local_rank`` under Hydra.
-
-    Lightning's own version re-runs ``sys.argv`` with ``hydra.run.dir``: under ``-m`` every
-    rank would start the whole sweep again, in the wrong folder. This one runs this job alone:
-    its config flags, its own overrides (the swept values, no ``-m``) and its output dir.
-    """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import get_original_cwd, to_absolute_path
-
-    import __main__
-
-    hydra_cfg = HydraConfig.get()
-    if __main__.__spec__ is None:
-        command = [sys.executable, to_absolute_path(sys.argv[0])]
-    else:
-        command = [sys.executable, "-m", __main__.__spec__.name]
-    args = sys.argv[1:]
-    for i, arg in enumerate(args):
-        if arg in HYDRA_FLAGS_WITH_VALUE and i + 1 < len(args):
-            command += [arg, args[i + 1]]
-        elif arg.split("=", 1)[0] in HYDRA_FLAGS_WITH_VALUE:
-            command.append(arg)
-    command += list(hydra_cfg.overrides.task)
-    command += [f'hydra.run.dir="{hydra_cfg.runtime.output_dir}"', f"hydra.job.name=train_ddp_process_{local_rank}",
-                "hydra.output_subdir=null"]
-    return command, get_original_cwd()
-
-
-DDP_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@contextlib.contextmanager
-def ddp_job():
-    """One Hydra job = one DDP group. Lightning launches the other ranks itself (unless a
-    cluster did: SLURM, torchrun); when the job ends, the group and the variables Lightning set
-    are dropped, so the next job of a multirun launches its own processes."""
-    ddp_launcher._hydra_subprocess_cmd = hydra_ddp_command
-    before = {key: os.environ.get(key) for key in DDP_ENV}
-    try:
-        yield
-    finally:
-        if before["LOCAL_RANK"] is None:  # this process launched the other ranks
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
-            for key, value in before.items():
-                if value is None:
-                    os.environ.pop(key, None)
 
 
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point: a ``DistillError`` becomes one line on stderr and exit status 2."""
     try:
-        with ddp_job():  # issue 6
+        with ddp_job():
             result = run(cfg)
     except DistillError as err:
         print(f"error: {err}", file=sys.stderr)
