@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from distill.explain import model_maps
+from distill.explain import network_maps
 
 
 class EpochTimer(pl.Callback):
@@ -95,9 +95,6 @@ class ExplanationPanel(pl.Callback):
     def _maps(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         was_training = model.training
         model.eval()
-        with torch.enable_grad():
-            features = model.forward_features(x).detach().requires_grad_(True)
-            logits = model.forward_head(features)
-            maps = model_maps(model, logits, features, y, self.method)
+        maps = network_maps(model, x, y, self.method)
         model.train(was_training)
-        return maps.detach()
+        return maps

@@ -25,20 +25,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from distill.evaluation.localization import localization_scores
-from distill.explain import model_maps
-
-
-def network_maps(model: nn.Module, x: Tensor, target: Tensor, method: str) -> Tensor:
-    """``(B, T, h, w)`` maps of ``model`` for the classes ``target`` (no graph kept)."""
-    with torch.no_grad():
-        features = model.forward_features(x)
-    features = features.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits = model.forward_head(features)
-        hook = getattr(model, "map_logits", None)  # dropout heads: maps with dropout off
-        logits = logits if hook is None else hook(features, logits)
-        maps = model_maps(model, logits, features, target, method)
-    return maps.detach()
+from distill.explain import network_maps
 
 
 def roles(pl_module: pl.LightningModule) -> list[tuple[str, nn.Module]]:
@@ -119,4 +106,4 @@ def localization_callbacks(datamodule) -> list[pl.Callback]:
                                  getattr(datamodule, "loc_on_val", True))]
 
 
-__all__ = ["LocalizationCallback", "localization_callbacks", "network_maps", "roles"]
+__all__ = ["LocalizationCallback", "localization_callbacks", "roles"]

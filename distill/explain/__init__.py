@@ -9,6 +9,7 @@ from distill.explain.maps import (
     gradcampp_alpha,
     gradcampp_weights,
     model_maps,
+    network_maps,
     weighted_maps,
 )
 from distill.explain.visual import (
@@ -34,6 +35,7 @@ __all__ = [
     "guided_backprop",
     "guided_gradcam",
     "model_maps",
+    "network_maps",
     "normalize_maps",
     "overlay",
     "resize_maps",

@@ -229,3 +229,20 @@ def model_maps(
         logits, activations, target, method, create_graph,
         linear_weight=None if linear is None else linear.weight,
     )
+
+
+def network_maps(model: nn.Module, x: Tensor, target: Tensor, method: str) -> Tensor:
+    """Detached maps of ``model`` for ``target`` ``(B,)`` / ``(B, T)``, from images ``(B, 3, H, W)``.
+
+    Backbone without a graph; the head runs from leaf features, with dropout off if the model
+    offers ``map_logits`` (VGG heads). For callbacks and pictures, not the training step.
+    """
+    with torch.no_grad():
+        features = model.forward_features(x)
+    features = features.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model.forward_head(features)
+        hook = getattr(model, "map_logits", None)  # dropout heads: maps with dropout off
+        logits = logits if hook is None else hook(features, logits)
+        maps = model_maps(model, logits, features, target, method)
+    return maps.detach()
