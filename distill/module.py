@@ -22,12 +22,12 @@ from distill.errors import ConfigError, DistillError
 from distill.explain import METHODS, model_maps
 from distill.explain.maps import check_map_precision
 from distill.losses import INTERPRET_LOSSES, attention_transfer, interpret_loss, map_cosine
+from distill.optim import SchedulerFactory, build_scheduler
 from distill.tasks import MulticlassTask
 
 log = logging.getLogger("distill")
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
-SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 
 class NonFiniteLossError(DistillError):
@@ -84,14 +84,18 @@ class ClassifierModule(pl.LightningModule):
         hparams: dict | None = None,
         task=None,
         skip_nonfinite: bool = False,
+        scheduler_interval: str = "epoch",
     ) -> None:
         super().__init__()
+        if scheduler_interval not in ("epoch", "step"):
+            raise ConfigError(f"optim.interval={scheduler_interval!r}: use epoch or step")
         self.model = model
         self.skip_nonfinite = skip_nonfinite
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.task = task or MulticlassTask(model.num_classes)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
         self.save_hyperparameters(hparams or {})
         self.train_score = self.task.score_metric()
         self.eval_metrics = nn.ModuleDict({stage: self._eval_metrics() for stage in ("val", "test")})
@@ -158,8 +162,9 @@ class ClassifierModule(pl.LightningModule):
         optimizer = self.optimizer_factory(params=self.trainable_parameters())
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        steps = self.trainer.estimated_stepping_batches if self.scheduler_interval == "step" else self.trainer.max_epochs
+        scheduler = build_scheduler(self.scheduler_factory, optimizer, total_steps=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
 
 
 class DistillModule(ClassifierModule):
@@ -176,8 +181,9 @@ class DistillModule(ClassifierModule):
         hparams: dict | None = None,
         task=None,
         skip_nonfinite: bool = False,
+        scheduler_interval: str = "epoch",
     ) -> None:
-        super().__init__(student, optimizer, scheduler, hparams, task, skip_nonfinite)
+        super().__init__(student, optimizer, scheduler, hparams, task, skip_nonfinite, scheduler_interval)
         if teacher.num_classes != student.num_classes:
             raise ConfigError(
                 f"teacher has {teacher.num_classes} classes but the student has "

@@ -167,6 +167,7 @@ def optimization(cfg: DictConfig) -> dict:
     return {
         "optimizer": instantiate(optim.optimizer, "the optimizer (optim=...)"),
         "scheduler": instantiate(optim.scheduler, "the scheduler (optim=...)") if optim.get("scheduler") else None,
+        "scheduler_interval": optim.get("interval", "epoch"),
     }
 
 

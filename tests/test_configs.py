@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from distill.models import build_model
 from distill.module import ExplainSettings, LossWeights
+from distill.optim import build_scheduler
 from distill.run import build_logger
 from tests.conftest import CONFIG_DIR, compose_config
 
@@ -52,7 +53,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     elif group == "optim":
         params = [torch.nn.Parameter(torch.zeros(2))]
         optimizer = hydra.utils.instantiate(cfg.optim.optimizer)(params=params)
-        built = hydra.utils.instantiate(cfg.optim.scheduler)(optimizer=optimizer)
+        built = build_scheduler(hydra.utils.instantiate(cfg.optim.scheduler), optimizer, total_steps=10)
     elif group == "trainer":
         if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
             pytest.skip("trainer=gpu needs a GPU to instantiate; composed fine")
