@@ -162,7 +162,8 @@ class ClassifierModule(pl.LightningModule):
         optimizer = self.optimizer_factory(params=self.trainable_parameters())
         if self.scheduler_factory is None:
             return optimizer
-        steps = self.trainer.estimated_stepping_batches if self.scheduler_interval == "step" else self.trainer.max_epochs
+        by_step = self.scheduler_interval == "step"
+        steps = self.trainer.estimated_stepping_batches if by_step else self.trainer.max_epochs
         scheduler = build_scheduler(self.scheduler_factory, optimizer, total_steps=steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler

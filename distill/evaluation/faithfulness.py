@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
 
-from distill.explain import model_maps
+from distill.explain import head_maps, leaf_features
 from distill.explain.visual import normalize_maps, resize_maps
 from distill.losses import map_cosine
 
@@ -150,30 +150,12 @@ def agreement_rate(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- running models
 def forward_explainable(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
-    """``(features, logits)``: backbone without a graph, head with one from a leaf ``features``.
-
-    ``features`` ``(B, K, h, w)`` requires grad, so ``model_maps`` works for any head (closed
-    form or autograd), also for frozen parameters and under ``torch.no_grad()`` outside.
-    The model is used as it is: put it in eval mode first.
-    """
+    """``(features, logits)``: ``leaf_features`` ``(B, K, h, w)`` for ``head_maps``, and the
+    logits ``(B, C)`` without a graph. The model is used as it is: put it in eval mode first."""
+    features = leaf_features(model, images)
     with torch.no_grad():
-        features = model.forward_features(images)
-    features = features.detach().requires_grad_(True)
-    with torch.enable_grad():
         logits = model.forward_head(features)
     return features, logits
-
-
-def maps_for(model: nn.Module, features: Tensor, logits: Tensor, target: Tensor, method: str) -> Tensor:
-    """Detached maps ``(B, h, w)`` of ``target`` ``(B,)`` from ``forward_explainable``'s output.
-
-    Without a closed form (no ``cam_linear``) the head is run again from ``features``, so that
-    several maps can come from one backbone pass (each ``autograd.grad`` frees its graph).
-    """
-    with torch.enable_grad():
-        if getattr(model, "cam_linear", None) is None:
-            logits = model.forward_head(features)
-        return model_maps(model, logits, features, target, method).detach()
 
 
 def faithfulness_scores(
@@ -195,9 +177,9 @@ def faithfulness_scores(
     ``(gradcam, gradcampp)``, ``win_gradcampp_vs_gradcam``.
     """
     features, logits = outputs if outputs is not None else forward_explainable(model, images)
-    pred = logits.detach().argmax(dim=1)
-    full = class_probability(logits.detach(), pred)
-    maps = torch.stack([maps_for(model, features, logits, pred, m) for m in methods], dim=1)  # (B, M, h, w)
+    pred = logits.argmax(dim=1)
+    full = class_probability(logits, pred)
+    maps = torch.stack([head_maps(model, features, pred, m) for m in methods], dim=1)  # (B, M, h, w)
     explained = explanation_images(images, maps, mean, std)  # (B, M, C, H, W)
     with torch.no_grad():
         explained_logits = model(explained.flatten(0, 1)).reshape(len(images), len(methods), -1)
@@ -242,16 +224,16 @@ def evaluate_batch(
     """
     labels = labels.long()
     features, logits = forward_explainable(model, images)
-    scores = {"accuracy": (logits.detach().argmax(dim=1) == labels).float()}
+    scores = {"accuracy": (logits.argmax(dim=1) == labels).float()}
     scores.update(faithfulness_scores(model, images, mean, std, outputs=(features, logits)))
     if teacher is None:
         return scores
     t_features, t_logits = forward_explainable(teacher, images)
-    target = _similarity_target(similarity_target, labels, logits.detach(), t_logits.detach())
-    s_maps = maps_for(model, features, logits, target, similarity_method)
-    t_maps = maps_for(teacher, t_features, t_logits, target, similarity_method)
-    scores["teacher/accuracy"] = (t_logits.detach().argmax(dim=1) == labels).float()
-    scores["agreement"] = top1_agreement(logits.detach(), t_logits.detach())
+    target = _similarity_target(similarity_target, labels, logits, t_logits)
+    s_maps = head_maps(model, features, target, similarity_method)
+    t_maps = head_maps(teacher, t_features, target, similarity_method)
+    scores["teacher/accuracy"] = (t_logits.argmax(dim=1) == labels).float()
+    scores["agreement"] = top1_agreement(logits, t_logits)
     scores["map_cosine"] = map_similarity(s_maps, t_maps)
     if explain_teacher:
         teacher_scores = faithfulness_scores(teacher, images, mean, std, outputs=(t_features, t_logits))
@@ -315,7 +297,6 @@ __all__ = [
     "forward_explainable",
     "increase_in_confidence",
     "map_similarity",
-    "maps_for",
     "relative_drop",
     "top1_agreement",
     "win_rate",

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from distill.evaluation.faithfulness import forward_explainable, maps_for
+from distill.evaluation.faithfulness import forward_explainable
+from distill.explain import head_maps
 from distill.explain.visual import denormalize, guided_gradcam, overlay
 
 TARGETS = ("pred", "label")
@@ -85,10 +86,10 @@ def explanation_cells(
 
     def explain(who: str, net: nn.Module, methods: Sequence[str], guided: bool) -> None:
         features, logits = forward_explainable(net, images)
-        pred = logits.detach().argmax(dim=1)
+        pred = logits.argmax(dim=1)
         explained = pred if target == "pred" else labels
         for method in methods:
-            columns.append((who, method, maps_for(net, features, logits, explained, method), pred, True))
+            columns.append((who, method, head_maps(net, features, explained, method), pred, True))
         if guided:
             picture = stretch_guided(guided_gradcam(net, images, explained, "gradcampp"))
             columns.append((who, "guided", picture, pred, False))

@@ -231,18 +231,26 @@ def model_maps(
     )
 
 
-def network_maps(model: nn.Module, x: Tensor, target: Tensor, method: str) -> Tensor:
-    """Detached maps of ``model`` for ``target`` ``(B,)`` / ``(B, T)``, from images ``(B, 3, H, W)``.
-
-    Backbone without a graph; the head runs from leaf features, with dropout off if the model
-    offers ``map_logits`` (VGG heads). For callbacks and pictures, not the training step.
-    """
+def leaf_features(model: nn.Module, x: Tensor) -> Tensor:
+    """Features ``(B, K, h, w)`` of images ``x`` from a backbone pass without a graph, as a leaf
+    that requires grad, so that ``head_maps`` works for any head, also for frozen models."""
     with torch.no_grad():
         features = model.forward_features(x)
-    features = features.detach().requires_grad_(True)
+    return features.detach().requires_grad_(True)
+
+
+def head_maps(model: nn.Module, features: Tensor, target: Tensor, method: str) -> Tensor:
+    """Detached maps ``(B, h, w)`` / ``(B, T, h, w)`` for ``target`` ``(B,)`` / ``(B, T)`` from
+    ``leaf_features``. The head runs again (cheap), with dropout off if the model offers
+    ``map_logits`` (VGG heads), so several maps can come from one backbone pass."""
     with torch.enable_grad():
         logits = model.forward_head(features)
-        hook = getattr(model, "map_logits", None)  # dropout heads: maps with dropout off
+        hook = getattr(model, "map_logits", None)
         logits = logits if hook is None else hook(features, logits)
-        maps = model_maps(model, logits, features, target, method)
-    return maps.detach()
+        return model_maps(model, logits, features, target, method).detach()
+
+
+def network_maps(model: nn.Module, x: Tensor, target: Tensor, method: str) -> Tensor:
+    """Detached maps of ``model`` for ``target`` ``(B,)`` / ``(B, T)``, from images ``(B, 3, H, W)``.
+    For callbacks and pictures, not the training step."""
+    return head_maps(model, leaf_features(model, x), target, method)
