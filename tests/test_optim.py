@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from distill.errors import ConfigError
 from distill.module import ClassifierModule
 from distill.optim import cosine_annealing
+from distill.run import optimization
+from tests.conftest import compose_config
 
 
 class TinyNet(nn.Module):
@@ -35,11 +37,11 @@ class LearningRates(pl.Callback):
         self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
-def fit_lrs(tmp_path, scheduler, interval: str, epochs: int = 3, batches: int = 4) -> list[float]:
+def fit_lrs(tmp_path, scheduler, interval: str, epochs: int = 3, batches: int = 4, optimizer=None) -> list[float]:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(8 * batches, 4), torch.randint(0, 3, (8 * batches,)))
-    module = ClassifierModule(TinyNet(), optimizer=partial(torch.optim.SGD, lr=0.1), scheduler=scheduler,
-                              scheduler_interval=interval)
+    module = ClassifierModule(TinyNet(), optimizer=optimizer or partial(torch.optim.SGD, lr=0.1),
+                              scheduler=scheduler, scheduler_interval=interval)
     recorder = LearningRates()
     trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
@@ -54,6 +56,13 @@ def test_cosine_over_every_step_of_the_run(tmp_path):
     expected = [0.05 * (1 + math.cos(math.pi * t / total)) for t in range(total)]
     assert seen == pytest.approx(expected, abs=1e-12)
     assert seen[-1] < 0.002  # the last step runs at ~0, not at the initial lr
+
+
+def test_sgd_cosine_config_is_wired_per_step(tmp_path):
+    factories = optimization(compose_config(tmp_path, ["optim=sgd_cosine"]))
+    seen = fit_lrs(tmp_path, factories["scheduler"], factories["scheduler_interval"], epochs=2, batches=3,
+                   optimizer=factories["optimizer"])
+    assert seen == pytest.approx([0.05 * (1 + math.cos(math.pi * t / 6)) for t in range(6)], abs=1e-12)
 
 
 def test_epoch_schedules_step_once_per_epoch(tmp_path):
