@@ -269,6 +269,20 @@ def test_image_folder_loads(tmp_path):
     torch.testing.assert_close(x[0], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_val_subset_covers_every_class_of_a_sorted_folder(tmp_path):
+    _write_tree(tmp_path, n_test=6)  # test images sorted by class: 6 cats, 6 dogs, 6 eels
+    first = next(iter(_folder_dm(tmp_path, eval_batch_size=6).val_dataloader()))[1]
+    assert first.tolist() == [0] * 6  # what limit_val_batches=1 would validate on
+    dm = _folder_dm(tmp_path, val_subset=6, seed=3, eval_batch_size=6)
+    labels = torch.cat([y for _, y in dm.val_dataloader()])
+    assert len(labels) == 6 and set(labels.tolist()) == {0, 1, 2}
+    again = _folder_dm(tmp_path, val_subset=6, seed=3, eval_batch_size=6)
+    assert again.validation_images().indices == dm.validation_images().indices
+    assert len(dm.test_set) == 18 and len(dm.test_dataloader().dataset) == 18  # the test keeps every image
+    with pytest.raises(ConfigError, match="val_subset=19 exceeds the 18"):
+        _folder_dm(tmp_path, val_subset=19).val_dataloader()
+
+
 def test_image_folder_resizes_to_image_size(tmp_path):
     _write_tree(tmp_path, size=40)
     dm = _folder_dm(tmp_path, image_size=[24, 24], mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])

@@ -196,6 +196,11 @@ def test_cifar_on_device_split_and_subset(cifar_root):
     xs_on = torch.cat([x for x, _ in dm.val_dataloader()])
     xs_off = torch.cat([x for x, _ in off.val_dataloader()])
     torch.testing.assert_close(xs_on, xs_off, rtol=1e-6, atol=1e-6)  # the same held-out images
+    on_sub, off_sub = (_cifar(root, on_device=flag, val_subset=7) for flag in (True, False))
+    xs_on = torch.cat([x for x, _ in on_sub.val_dataloader()])
+    xs_off = torch.cat([x for x, _ in off_sub.val_dataloader()])
+    assert len(xs_on) == 7
+    torch.testing.assert_close(xs_on, xs_off, rtol=1e-6, atol=1e-6)  # the same subset of the test split
 
 
 def test_image_folder_on_device(tmp_path):

@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from distill.data.on_device import DeviceBatches, UInt8Images
 from distill.errors import ConfigError
@@ -68,6 +68,11 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(torch.randperm(self.num_items, generator=order).tolist())
 
 
+def seeded_subset(n: int, k: int, seed: int) -> list[int]:
+    """``k`` sorted indices out of ``range(n)``, fixed by ``seed``."""
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
+
+
 def _check_int(value: Any, what: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"data.{what} must be an integer >= {minimum}, got {value!r}")
@@ -97,6 +102,7 @@ class BaseDataModule(pl.LightningDataModule):
         seed: int = 0,
         train_subset: int | None = None,
         val_split: float = 0.0,
+        val_subset: int | None = None,
         augment: bool = True,
         on_device: bool = False,
     ):
@@ -126,6 +132,7 @@ class BaseDataModule(pl.LightningDataModule):
                 f"got {val_split!r}"
             )
         self.val_split = val_split
+        self.val_subset = None if val_subset is None else _check_int(val_subset, "val_subset", 1)
         self.augment = bool(augment)
         self.on_device = bool(on_device)  # uint8 images on the training device, no workers
         self.class_names: list[str] | None = None
@@ -169,9 +176,7 @@ class BaseDataModule(pl.LightningDataModule):
                     f"data.train_subset={self.train_subset} exceeds the {len(train_idx)} "
                     f"available training images; lower it or set data.train_subset=null"
                 )
-            sub_gen = torch.Generator().manual_seed(self.seed + 1)
-            pick = torch.randperm(len(train_idx), generator=sub_gen)[: self.train_subset]
-            train_idx = sorted(train_idx[i] for i in pick.tolist())
+            train_idx = [train_idx[i] for i in seeded_subset(len(train_idx), self.train_subset, self.seed + 1)]
         return train_idx, val_idx
 
     # -- Lightning hooks -----------------------------------------------------------------
@@ -221,9 +226,25 @@ class BaseDataModule(pl.LightningDataModule):
         return self._loader(self.train_set, self.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:
+        return self._loader(self.validation_images(), self.eval_batch_size, train=False)
+
+    def validation_images(self) -> Dataset:
+        """``val_set``, or with ``val_subset`` a fixed random part of it. Unlike the Trainer's
+        ``limit_val_batches`` (the first batches: on a class-sorted folder, the first classes),
+        the subset covers every class."""
         self.setup("validate")
         assert self.val_set is not None
-        return self._loader(self.val_set, self.eval_batch_size, train=False)
+        if self.val_subset is None:
+            return self.val_set
+        if self.val_subset > len(self.val_set):
+            raise ConfigError(
+                f"data.val_subset={self.val_subset} exceeds the {len(self.val_set)} validation "
+                f"images; lower it or set data.val_subset=null"
+            )
+        pick = seeded_subset(len(self.val_set), self.val_subset, self.seed + 2)
+        if isinstance(self.val_set, UInt8Images):  # data.on_device=true reads whole tensors
+            return UInt8Images(self.val_set.images, self.val_set.labels, self.val_set.mean, self.val_set.std, pick)
+        return Subset(self.val_set, pick)
 
     def test_dataloader(self) -> DataLoader:
         self.setup("test")
@@ -234,5 +255,5 @@ class BaseDataModule(pl.LightningDataModule):
         return (
             f"{type(self).__name__}(name={self.name!r}, num_classes={self.num_classes}, "
             f"batch_size={self.batch_size}, val_split={self.val_split}, "
-            f"train_subset={self.train_subset})"
+            f"train_subset={self.train_subset}, val_subset={self.val_subset})"
         )
