@@ -11,9 +11,10 @@ PART=${3:-all}
 SUBSET=${SUBSET:-10000}         # fixed random training subset
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-4}
 STUDENT_EPOCHS=${STUDENT_EPOCHS:-3}
-VAL_BATCHES=${VAL_BATCHES:-16}   # 2,048 images for the end-of-run validation; the test uses all 10,000
+VAL_IMAGES=${VAL_IMAGES:-2048}   # random test images for the end-of-run validation; the test uses all 10,000
+SEED=${SEED:-0}
 COMMON=(data=image_folder "data.root=$ROOT" data.name=cifar10_jpeg data.num_workers=2 logger=csv
-        "paths.log_dir=$OUT" "paths.checkpoint_dir=$OUT/checkpoints" seed=0)
+        "paths.log_dir=$OUT" "paths.checkpoint_dir=$OUT/checkpoints" seed=$SEED)
 
 if [[ $PART == baseline || $PART == all ]]; then
   # The student alone: 4 epochs of 80 batches (issue: > 45 % test accuracy on all 10,000 test images).
@@ -24,7 +25,7 @@ fi
 if [[ $PART == distill || $PART == all ]]; then
   # Cosine lr to 0 over the run: a short run then ends annealed instead of at lr 0.1, whose
   # last-epoch accuracy swings by several points from run to run.
-  BUDGET=(data.train_subset=$SUBSET optim=sgd_cosine trainer.limit_val_batches=$VAL_BATCHES)
+  BUDGET=(data.train_subset=$SUBSET optim=sgd_cosine data.val_subset=$VAL_IMAGES)
   # A WRN-40-2 teacher on the fixed subset.
   python train.py stage=teacher teacher=wrn40_2 "${COMMON[@]}" "${BUDGET[@]}" task_name=teacher_real \
       trainer.max_epochs=$TEACHER_EPOCHS trainer.check_val_every_n_epoch=$TEACHER_EPOCHS
