@@ -68,8 +68,10 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(torch.randperm(self.num_items, generator=order).tolist())
 
 
-def seeded_subset(n: int, k: int, seed: int) -> list[int]:
-    """``k`` sorted indices out of ``range(n)``, fixed by ``seed``."""
+def seeded_subset(n: int, k: int, seed: int, what: str, items: str) -> list[int]:
+    """``k`` sorted indices out of ``range(n)`` ``items``, fixed by ``seed``, for ``data.<what>``."""
+    if k > n:
+        raise ConfigError(f"data.{what}={k} exceeds the {n} {items}; lower it or set data.{what}=null")
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
 
 
@@ -171,12 +173,9 @@ class BaseDataModule(pl.LightningDataModule):
             val_idx = sorted(perm[:n_val])
             train_idx = sorted(perm[n_val:])
         if self.train_subset is not None:
-            if self.train_subset > len(train_idx):
-                raise ConfigError(
-                    f"data.train_subset={self.train_subset} exceeds the {len(train_idx)} "
-                    f"available training images; lower it or set data.train_subset=null"
-                )
-            train_idx = [train_idx[i] for i in seeded_subset(len(train_idx), self.train_subset, self.seed + 1)]
+            pick = seeded_subset(len(train_idx), self.train_subset, self.seed + 1, "train_subset",
+                                 "available training images")
+            train_idx = [train_idx[i] for i in pick]
         return train_idx, val_idx
 
     # -- Lightning hooks -----------------------------------------------------------------
@@ -236,12 +235,7 @@ class BaseDataModule(pl.LightningDataModule):
         assert self.val_set is not None
         if self.val_subset is None:
             return self.val_set
-        if self.val_subset > len(self.val_set):
-            raise ConfigError(
-                f"data.val_subset={self.val_subset} exceeds the {len(self.val_set)} validation "
-                f"images; lower it or set data.val_subset=null"
-            )
-        pick = seeded_subset(len(self.val_set), self.val_subset, self.seed + 2)
+        pick = seeded_subset(len(self.val_set), self.val_subset, self.seed + 2, "val_subset", "validation images")
         if isinstance(self.val_set, UInt8Images):  # data.on_device=true reads whole tensors
             return UInt8Images(self.val_set.images, self.val_set.labels, self.val_set.mean, self.val_set.std, pick)
         return Subset(self.val_set, pick)
