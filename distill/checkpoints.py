@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
 
 from distill.errors import CheckpointError
-from distill.models import build_model
+from distill.identity import differences
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -45,13 +46,13 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
     return checkpoint
 
 
-def load_network(path: str | Path, name: str, num_classes: int, what: str = "teacher checkpoint",
-                 **model_options) -> nn.Module:
-    """Rebuild network ``name`` and load the ``model.*`` weights of a distill checkpoint.
+def load_network(path: str | Path, build: Callable[[], nn.Module], name: str, num_classes: int,
+                 identity: dict | None = None, what: str = "teacher checkpoint") -> nn.Module:
+    """The network ``build()`` with the ``model.*`` weights of the distill checkpoint at ``path``.
 
-    ``model_options`` go to the model factory (weights come from the checkpoint, so e.g. a
-    ``pretrained`` download is never needed here). Raises ``CheckpointError`` when the file is
-    missing or corrupt, or when it holds another architecture or number of classes.
+    Raises ``CheckpointError`` when the file is missing or corrupt, or when it holds another
+    architecture, number of classes, or (where both record one) another network or data
+    ``identity`` (``distill.identity``): one line saying what differs.
     """
     checkpoint = read_checkpoint(path, what)
     hparams = checkpoint.get("hyper_parameters", {})
@@ -62,7 +63,11 @@ def load_network(path: str | Path, name: str, num_classes: int, what: str = "tea
             f"for a {name} with {num_classes} classes: choose the matching teacher=... / data=..., "
             "or another checkpoint"
         )
-    model = build_model(name, num_classes, **model_options)
+    differ = differences(hparams.get("identity") or {}, identity or {})
+    if differ:
+        raise CheckpointError(f"{what} '{path}' was trained as another teacher: {'; '.join(differ)}. Point "
+                              "teacher.checkpoint to the matching file, or leave it null to train one")
+    model = build()
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     try:
         model.load_state_dict(state)

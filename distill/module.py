@@ -19,9 +19,10 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from distill.errors import ConfigError, DistillError
-from distill.explain import METHODS, model_maps
+from distill.explain import METHODS, explain_network
 from distill.explain.maps import check_map_precision
 from distill.losses import INTERPRET_LOSSES, attention_transfer, interpret_loss, map_cosine
+from distill.models.contract import known_spec, network_spec, require_network
 from distill.optim import SchedulerFactory, build_scheduler
 from distill.tasks import MulticlassTask
 
@@ -190,8 +191,8 @@ class DistillModule(ClassifierModule):
                 f"teacher has {teacher.num_classes} classes but the student has "
                 f"{student.num_classes}: train both for the same data"
             )
-        if weights.at > 0 and not (hasattr(student, "forward_groups") and hasattr(teacher, "forward_groups")):
-            raise ConfigError("kd=at needs models with forward_groups (the WRNs); use kd=hinton or kd=none")
+        for role, model in (("teacher", teacher), ("student", student)):
+            require_network(model, role, type(model).__name__, stages=weights.at > 0)
         self.teacher = teacher.eval().requires_grad_(False)
         self.weights = weights
         self.explain = explain
@@ -236,19 +237,23 @@ class DistillModule(ClassifierModule):
     # ------------------------------------------------------------------ forward passes
     def _features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         if self.weights.at > 0:
-            return model.forward_groups(x)
+            return model.forward_stages(x)
         return model.forward_features(x), []
 
-    def _needs_head_grad(self, model: nn.Module, method: str | None) -> bool:
-        closed = self.explain.closed_form and getattr(model, "cam_linear", None) is not None
-        return method is not None and not closed
+    def _needs_head_grad(self, model: nn.Module, method: str | None, features: Tensor | None = None) -> bool:
+        """True if ``method``'s maps need ``dS/dA`` through the head (the general path); a model not
+        inspected yet counts as needing it."""
+        if method is None:
+            return False
+        spec = network_spec(model, features) if features is not None else known_spec(model)
+        return not self.explain.closed_form or spec is None or spec.path == "general"
 
     def teacher_forward(self, x: Tensor, method: str | None) -> tuple[Tensor, Tensor, list[Tensor]]:
         """Teacher ``(features, logits, groups)``: backbone without a graph, head with one
         (first order only) when ``method`` needs an autograd map."""
         with torch.no_grad():
             features, groups = self._features(self.teacher, x)
-        if not self._needs_head_grad(self.teacher, method):
+        if not self._needs_head_grad(self.teacher, method, features):
             with torch.no_grad():
                 return features, self.teacher.forward_head(features), groups
         features = features.detach().requires_grad_(True)
@@ -260,9 +265,8 @@ class DistillModule(ClassifierModule):
 
     def maps(self, model: nn.Module, logits: Tensor, features: Tensor, target: Tensor, method: str,
              create_graph: bool) -> Tensor:
-        hook = getattr(model, "map_logits", None)  # dropout heads (VGG) give maps with dropout off
-        logits = logits if hook is None else hook(features, logits)
-        return model_maps(model, logits, features, target, method, create_graph, self.explain.closed_form)
+        return explain_network(model, features, target, method, logits=logits, create_graph=create_graph,
+                               closed_form=self.explain.closed_form)
 
     # ------------------------------------------------------------------ training
     def loss_terms(self, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], Tensor]:
@@ -307,7 +311,7 @@ class DistillModule(ClassifierModule):
         method = self.explain.eval_method
         t_features, t_logits, _ = self.teacher_forward(x, method)
         s_features = self.model.forward_features(x)
-        if self._needs_head_grad(self.model, method):
+        if self._needs_head_grad(self.model, method, s_features):
             s_features = s_features.detach().requires_grad_(True)
         with torch.enable_grad():  # maps need a gradient; Trainer(inference_mode=False)
             s_logits = self.model.forward_head(s_features)

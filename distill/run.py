@@ -32,7 +32,8 @@ from distill.callbacks_localization import localization_callbacks
 from distill.checkpoints import AtomicCheckpointIO, load_network
 from distill.ddp import ddp_barrier, ddp_job
 from distill.errors import ConfigError, DistillError
-from distill.models import build_model, is_explainable
+from distill.identity import checkpoint_stem, data_identity, network_identity
+from distill.models import build_model, inspect_network, model_options, require_network
 from distill.module import ClassifierModule, DistillModule, ExplainSettings, LossWeights
 from distill.tasks import build_task
 
@@ -146,15 +147,28 @@ def checkpoint_callback(run_dir: Path, monitor: str) -> ModelCheckpoint:
 
 
 # ---------------------------------------------------------------------------- models
-def network(cfg: DictConfig, role: str) -> torch.nn.Module:
+def network(cfg: DictConfig, role: str, weights_from_checkpoint: bool = False) -> torch.nn.Module:
     """Build ``cfg[role]`` (teacher / student): its ``name`` plus any model options it sets
-    (e.g. ``pretrained``, ``finetune``), for ``data.num_classes`` classes."""
+    (e.g. ``arch``, ``pretrained``, ``finetune``), for ``data.num_classes`` classes."""
     node = OmegaConf.to_container(cfg[role], resolve=True)
-    options = {k: v for k, v in node.items() if k not in ("name", "checkpoint", "compile")}
+    options = model_options(node, weights_from_checkpoint)
     try:
         return build_model(node["name"], int(cfg.data.num_classes), **options)
     except TypeError as err:
         raise ConfigError(f"{role}={node['name']} does not take these options: {sorted(options)} ({err})") from None
+
+
+def example_images(cfg: DictConfig) -> torch.Tensor:
+    """Two random images of the data's size, to check a network against the model contract."""
+    size = int(cfg.data.get("image_size") or 32)
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def identity(cfg: DictConfig, role: str, datamodule: pl.LightningDataModule) -> dict:
+    """The network of ``cfg[role]`` and the data it is trained on (``distill.identity``)."""
+    data = data_identity(OmegaConf.to_container(cfg.data, resolve=True), getattr(datamodule, "class_names", None),
+                         int(cfg.seed))
+    return {"network": network_identity(OmegaConf.to_container(cfg[role], resolve=True)), "data": data}
 
 
 def task_of(datamodule: pl.LightningDataModule, num_classes: int):
@@ -171,24 +185,33 @@ def optimization(cfg: DictConfig) -> dict:
     }
 
 
-def default_teacher_checkpoint(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.checkpoint_dir) / f"{cfg.teacher.name}_{cfg.data.name}.ckpt"
+def default_teacher_checkpoint(cfg: DictConfig, datamodule: pl.LightningDataModule) -> Path:
+    """``checkpoints/<network>_<data>-<hash of both identities>.ckpt``."""
+    ident = identity(cfg, "teacher", datamodule)
+    return Path(cfg.paths.checkpoint_dir) / f"{checkpoint_stem(ident['network'], ident['data'])}.ckpt"
+
+
+def model_label(node: DictConfig) -> str:
+    """``wrn16_2``, ``timm-resnet18``: the network's name in run names."""
+    return f"{node.name}-{node.arch}" if node.get("arch") else str(node.name)
 
 
 def run_name(cfg: DictConfig, stage: str) -> str:
     if stage == "teacher":
-        return f"teacher-{cfg.teacher.name}-s{cfg.seed}"
+        return f"teacher-{model_label(cfg.teacher)}-s{cfg.seed}"
     if stage == "baseline":
-        return f"baseline-{cfg.student.name}-s{cfg.seed}"
-    return f"distill-{cfg.student.name}-explain_{cfg.explain.name}-kd_{cfg.kd.name}-s{cfg.seed}"
+        return f"baseline-{model_label(cfg.student)}-s{cfg.seed}"
+    return (f"distill-{model_label(cfg.teacher)}-to-{model_label(cfg.student)}-explain_{cfg.explain.name}"
+            f"-kd_{cfg.kd.name}-s{cfg.seed}")
 
 
-def model_hparams(cfg: DictConfig, role: str, stage: str) -> dict:
+def model_hparams(cfg: DictConfig, role: str, stage: str, datamodule: pl.LightningDataModule) -> dict:
     return {
         "model_name": cfg[role].name,
         "num_classes": int(cfg.data.num_classes),
         "data_name": cfg.data.name,
         "stage": stage,
+        "identity": identity(cfg, role, datamodule),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 
@@ -242,7 +265,7 @@ def train_classifier(cfg: DictConfig, datamodule: pl.LightningDataModule, role: 
     """Cross-entropy training of ``cfg[role]`` alone (a teacher, or the baseline student)."""
     module = ClassifierModule(
         network(cfg, role), task=task_of(datamodule, int(cfg.data.num_classes)),
-        hparams=model_hparams(cfg, role, stage), skip_nonfinite=cfg.trainer.get("skip_nonfinite", False),
+        hparams=model_hparams(cfg, role, stage, datamodule), skip_nonfinite=cfg.trainer.get("skip_nonfinite", False),
         **optimization(cfg),
     )
     return fit_and_test(cfg, module, datamodule, stage, run_dir)
@@ -255,42 +278,57 @@ def train_teacher(cfg: DictConfig, datamodule: pl.LightningDataModule, target: P
     if rank_zero_only.rank == 0:  # under DDP rank 0 publishes, the other ranks wait for it
         publish(result["checkpoint/best"] or result["checkpoint/last"], target)
         publish(result["checkpoint/last"], target.with_name(f"{target.stem}-last.ckpt"))
+        write_json(target.with_suffix(".json"), {"identity": identity(cfg, "teacher", datamodule),
+                                                 "metrics": result["metrics"]})
     ddp_barrier()
     log.info("teacher saved to %s", target)
     return {**result, "teacher_checkpoint": str(target)}
 
 
-def resolve_teacher(cfg: DictConfig, datamodule: pl.LightningDataModule) -> tuple[torch.nn.Module, Path]:
-    """Load the teacher; train it first when the default checkpoint does not exist yet.
+def announce_teacher(path: Path) -> None:
+    """One line: which teacher file is reused, trained on what, and its test score."""
+    record = path.with_suffix(".json")
+    if not record.is_file():
+        log.info("Teacher: %s", path)
+        return
+    saved = json.loads(record.read_text())
+    data, metrics = saved["identity"]["data"], saved.get("metrics", {})
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("test/"))
+    log.info("Reusing teacher %s (trained on %s%s; %s)", path, data.get("name"),
+             f" {data['root']}" if data.get("root") else "", scores or "no test metrics")
 
-    An explicit ``teacher.checkpoint`` must exist; only the default path is trained if absent.
-    """
-    options = {k: v for k, v in OmegaConf.to_container(cfg.teacher, resolve=True).items()
-               if k not in ("name", "checkpoint", "compile", "pretrained")}
-    num_classes = int(cfg.data.num_classes)
+
+def resolve_teacher(cfg: DictConfig, datamodule: pl.LightningDataModule) -> tuple[torch.nn.Module, Path | None]:
+    """The teacher: as built (``teacher.as_is``: e.g. ImageNet weights for ImageNet data), from
+    ``teacher.checkpoint``, or from the default checkpoint, trained first when it does not exist."""
+    if cfg.teacher.get("as_is"):
+        log.info("Teacher: %s as built (teacher.as_is=true: not trained here)", model_label(cfg.teacher))
+        return network(cfg, "teacher"), None
+    expected = identity(cfg, "teacher", datamodule)
     if cfg.teacher.checkpoint is not None:
         path = Path(cfg.teacher.checkpoint)
-        return load_network(path, cfg.teacher.name, num_classes, **options), path
-    path = default_teacher_checkpoint(cfg)
-    if not path.is_file():
-        log.warning("No teacher checkpoint at %s: training the %s teacher first (same data and "
-                    "trainer settings), then distilling.", path, cfg.teacher.name)
-        teacher_cfg = cfg.copy()
-        with open_dict(teacher_cfg):
-            teacher_cfg.ckpt_path = None
-        train_teacher(teacher_cfg, datamodule, path, output_dir(cfg) / "teacher")
-    return load_network(path, cfg.teacher.name, num_classes, **options), path
+    else:
+        path = default_teacher_checkpoint(cfg, datamodule)
+        if not path.is_file():
+            log.warning("No teacher checkpoint at %s: training the %s teacher first (same data and "
+                        "trainer settings), then distilling.", path, model_label(cfg.teacher))
+            teacher_cfg = cfg.copy()
+            with open_dict(teacher_cfg):
+                teacher_cfg.ckpt_path = None
+            train_teacher(teacher_cfg, datamodule, path, output_dir(cfg) / "teacher")
+        else:
+            announce_teacher(path)
+    teacher = load_network(path, lambda: network(cfg, "teacher", weights_from_checkpoint=True),
+                           cfg.teacher.name, int(cfg.data.num_classes), expected)
+    return teacher, path
 
 
 def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
     teacher, teacher_path = resolve_teacher(cfg, datamodule)
     student = network(cfg, "student")
-    for role, model in (("teacher", teacher), ("student", student)):
-        if cfg.explain.method and not is_explainable(model):
-            raise ConfigError(
-                f"explain={cfg.explain.name} needs a {role} with forward_features/forward_head; "
-                f"{cfg[role].name} has none: use explain=none or an explainable model"
-            )
+    for role, model in (("teacher", teacher), ("student", student)):  # before any training step
+        require_network(model, role, model_label(cfg[role]), stages=cfg.kd.at_weight > 0)
+        inspect_network(model, example_images(cfg))
     for role, model in (("teacher", teacher), ("student", student)):  # the backbone only; the head
         if cfg[role].get("compile"):  # stays eager, so the maps' double backward never enters compiled code
             model.forward_features = torch.compile(model.forward_features)
@@ -298,8 +336,8 @@ def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
                           at=cfg.kd.at_weight, explain=cfg.explain.weight)
     settings = ExplainSettings(method=cfg.explain.method, loss=cfg.explain.loss, target=cfg.explain.target,
                                eval_method=cfg.explain.eval_method, closed_form=cfg.explain.closed_form)
-    hparams = model_hparams(cfg, "student", "distill")
-    hparams["teacher_checkpoint"] = str(teacher_path)
+    hparams = model_hparams(cfg, "student", "distill", datamodule)
+    hparams["teacher_checkpoint"] = str(teacher_path) if teacher_path else None
     module = DistillModule(
         student, teacher, weights=weights, explain=settings, hparams=hparams,
         task=task_of(datamodule, int(cfg.data.num_classes)),
@@ -309,7 +347,7 @@ def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
     panel = ExplanationPanel(**cfg.explanation_panel, out_dir=run_dir / "explanations")
     panels = [panel] if module.task.name == "multiclass" else []  # the panel explains one class per image
     result = fit_and_test(cfg, module, datamodule, "distill", run_dir, panels)
-    return {**result, "teacher_checkpoint": str(teacher_path)}
+    return {**result, "teacher_checkpoint": str(teacher_path) if teacher_path else None}
 
 
 def check_data(datamodule: pl.LightningDataModule) -> None:
@@ -344,7 +382,7 @@ def run(cfg: DictConfig) -> dict:
     check_data(datamodule)
     run_dir = output_dir(cfg)
     if cfg.stage == "teacher":
-        target = Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else default_teacher_checkpoint(cfg)
+        target = Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else default_teacher_checkpoint(cfg, datamodule)
         result = train_teacher(cfg, datamodule, target, run_dir)
     elif cfg.stage == "baseline":
         result = train_classifier(cfg, datamodule, "student", "baseline", run_dir)

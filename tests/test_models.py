@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from distill.models import MODELS, WideResNet, build_model, is_explainable, register_model
+from distill.models import MODELS, Network, WideResNet, build_model, inspect_network, network_spec, register_model
 
 EXPECTED_PARAMS = {"wrn40_2": 2_243_546, "wrn16_2": 691_674}
 
@@ -81,7 +81,7 @@ def test_features_final_bn_relu(wrn16_2):
     model = wrn16_2.train()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        feats, groups = model.forward_groups(x)
+        feats, groups = model.forward_stages(x)
     assert feats.shape == (2, 128, 8, 8)
     assert (feats >= 0).all()
     assert (feats == 0).any() and (feats > 0).any()
@@ -95,14 +95,16 @@ def test_features_final_bn_relu(wrn16_2):
     model.eval()
 
 
-def test_head_and_cam_linear(wrn16_2):
+def test_head_is_pool_then_linear(wrn16_2):
     model = wrn16_2.eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         feats = model.forward_features(x)
         torch.testing.assert_close(model.forward_head(feats), model(x), rtol=1e-5, atol=1e-6)
-    assert is_explainable(model)
-    lin = model.cam_linear
+    assert isinstance(model, Network)
+    spec = inspect_network(model, x)
+    assert spec.path == "linear" and spec.deterministic_head
+    lin = spec.linear(model)
     assert isinstance(lin, nn.Linear) and (lin.in_features, lin.out_features) == (128, 10)
     # It is the final layer: the last Linear among the modules, and its output is the logits.
     assert lin is [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
@@ -117,11 +119,11 @@ def test_head_and_cam_linear(wrn16_2):
     np.testing.assert_allclose(got.double().numpy(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_forward_groups_shapes(wrn16_2):
+def test_forward_stages_shapes(wrn16_2):
     model = wrn16_2.eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        feats, groups = model.forward_groups(x)
+        feats, groups = model.forward_stages(x)
         torch.testing.assert_close(feats, model.forward_features(x))
     assert feats.shape == (2, 128, 8, 8)
     assert [tuple(g.shape) for g in groups] == [(2, 32, 32, 32), (2, 64, 16, 16), (2, 128, 8, 8)]
@@ -142,9 +144,9 @@ def test_eval_features_independent_of_batch(wrn16_2):
 
 
 def test_build_model_errors():
-    with pytest.raises(ValueError, match="Unknown model") as info:
+    with pytest.raises(ValueError, match="unknown model") as info:
         build_model("resnet_nonexistent", 10)
-    for name in ("wrn16_1", "wrn16_2", "wrn28_10", "wrn40_2"):
+    for name in ("wrn16_1", "wrn16_2", "wrn40_2", "timm", "torchvision"):
         assert name in str(info.value)
     for bad in (0, -3):
         with pytest.raises(ValueError, match="num_classes"):
@@ -167,7 +169,7 @@ def test_register_model():
         assert callable(tiny) and MODELS[name] is tiny  # decorator returns the factory
         model = build_model(name, 3, drop_rate=0.1)
         assert isinstance(model, WideResNet) and model.num_classes == 3
-        assert model.cam_linear.out_features == 3
+        assert model.fc.out_features == 3
         with pytest.raises(ValueError, match=name):
             build_model("_still_unknown", 3)  # the error lists the new name too
 

@@ -200,7 +200,7 @@ def test_explanations_need_forward_features(teacher_ckpt, tmp_path):
     try:
         cfg = compose_config(tmp_path, ["experiment=smoke", "logger=none", "explain=gradcampp", "student.name=plain",
                                         f"teacher.checkpoint={teacher_ckpt}"])
-        with pytest.raises(ConfigError, match="needs a student with forward_features/forward_head"):
+        with pytest.raises(ConfigError, match="the student .plain, Plain. lacks forward_features, forward_head"):
             run(cfg)
     finally:
         del MODELS["plain"]

@@ -47,7 +47,9 @@ def test_smoke_trains_missing_teacher_then_distills(tmp_path):
     assert "No teacher checkpoint" in proc.stdout + proc.stderr
     (metrics_path,) = metrics_files(tmp_path)
     run_dir = metrics_path.parent
-    assert (run_dir / "teacher" / "wrn16_2_synthetic.ckpt").is_file()
+    (teacher,) = (run_dir / "teacher").glob("wrn16_2_synthetic-????????.ckpt")  # named by network + data
+    record = json.loads(teacher.with_suffix(".json").read_text())
+    assert record["identity"]["network"]["name"] == "wrn16_2" and math.isfinite(record["metrics"]["test/acc"])
     assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
     result = json.loads(metrics_path.read_text())
     assert result["stage"] == "distill" and math.isfinite(result["metrics"]["test/acc"])

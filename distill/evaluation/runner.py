@@ -49,16 +49,15 @@ def _model_options(hparams: dict) -> dict:
     node = config.get("teacher" if hparams.get("stage") == "teacher" else "student") or {}
     if node.get("name") != hparams.get("model_name"):
         return {}
-    options = {k: v for k, v in node.items() if k not in ("name", "checkpoint", "compile")}
-    if "pretrained" in options:
-        options["pretrained"] = False
-    return options
+    from distill.models import model_options
+
+    return model_options(node, weights_from_checkpoint=True)
 
 
 def load_model(path: str | Path, what: str = "checkpoint") -> LoadedModel:
     """Rebuild the ``model.*`` network of a distill checkpoint (any stage), in eval mode."""
     from distill.checkpoints import read_checkpoint
-    from distill.models import build_model, is_explainable
+    from distill.models import build_model, require_network
 
     path = Path(path)
     checkpoint = read_checkpoint(path, what)
@@ -76,9 +75,7 @@ def load_model(path: str | Path, what: str = "checkpoint") -> LoadedModel:
     except RuntimeError as err:
         raise CheckpointError(f"{what} '{path}' does not fit a {hparams['model_name']}: "
                               f"{str(err).splitlines()[0]}") from None
-    if not is_explainable(model):
-        raise ConfigError(f"{what} '{path}': {hparams['model_name']} has no forward_features/forward_head, "
-                          "so it cannot be explained")
+    require_network(model, what, hparams["model_name"])
     return LoadedModel(model.eval().requires_grad_(False), path, hparams)
 
 

@@ -1,4 +1,4 @@
-"""Explanation maps as pure tensor functions (SPEC §1)."""
+"""Explanation maps: pure tensor functions (``maps``) and the maps of a network (``network``)."""
 
 from distill.explain.maps import (
     METHODS,
@@ -8,12 +8,9 @@ from distill.explain.maps import (
     gradcam_weights,
     gradcampp_alpha,
     gradcampp_weights,
-    head_maps,
-    leaf_features,
-    model_maps,
-    network_maps,
     weighted_maps,
 )
+from distill.explain.network import explain_network, head_maps, leaf_features, model_maps, network_maps
 from distill.explain.visual import (
     GuidedReLUMode,
     denormalize,
@@ -30,6 +27,7 @@ __all__ = [
     "class_gradients",
     "closed_form_weights",
     "denormalize",
+    "explain_network",
     "explanation_maps",
     "gradcam_weights",
     "gradcampp_alpha",

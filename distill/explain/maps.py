@@ -16,7 +16,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from distill.errors import ConfigError
 
@@ -131,9 +131,19 @@ def closed_form_weights(
     class_weights = linear_weight[target.clamp_min(0)] * valid  # (B, T, K)
     if method == "cam":
         return class_weights
-    grads = class_weights / area
+    return constant_gradient_weights(class_weights / area, activations, method)
+
+
+def constant_gradient_weights(grads: Tensor, activations: Tensor, method: str) -> Tensor:
+    """Channel weights ``(B, T, K)`` when ``g_kij = grads[b, t, k]`` at every position ``(i, j)``.
+
+    This holds for every head that starts with global average pooling, ``S = f(mean_ij A)``:
+    ``g_kij = (1/Z) dS/dp_k`` with ``p = mean_ij A``. Grad-CAM's weights are then ``g_k`` and
+    Grad-CAM++'s ``Z * alpha_k * ReLU(g_k)`` with the scalar ``alpha_k = 1 / (2 + (sum_ab A_kab) g_k)``.
+    """
     if method == "gradcam":
         return grads
+    area = activations.shape[-2] * activations.shape[-1]
     sums = activations.sum(dim=(-2, -1))[:, None, :]
     return area * gradcampp_alpha(grads, sums) * F.relu(grads)
 
@@ -212,45 +222,3 @@ def explanation_maps(
             weights = gradcam_weights(grads) if method == "gradcam" else gradcampp_weights(grads, acts)
         maps = weighted_maps(weights, acts)
     return maps[:, 0] if squeeze else maps
-
-
-def model_maps(
-    model: nn.Module,
-    logits: Tensor,
-    activations: Tensor,
-    target: Tensor,
-    method: str = "gradcampp",
-    create_graph: bool = False,
-    closed_form: bool = True,
-) -> Tensor:
-    """``explanation_maps`` for ``model``, in closed form when its head allows (``cam_linear``)."""
-    linear = getattr(model, "cam_linear", None) if closed_form else None
-    return explanation_maps(
-        logits, activations, target, method, create_graph,
-        linear_weight=None if linear is None else linear.weight,
-    )
-
-
-def leaf_features(model: nn.Module, x: Tensor) -> Tensor:
-    """Features ``(B, K, h, w)`` of images ``x`` from a backbone pass without a graph, as a leaf
-    that requires grad, so that ``head_maps`` works for any head, also for frozen models."""
-    with torch.no_grad():
-        features = model.forward_features(x)
-    return features.detach().requires_grad_(True)
-
-
-def head_maps(model: nn.Module, features: Tensor, target: Tensor, method: str) -> Tensor:
-    """Detached maps ``(B, h, w)`` / ``(B, T, h, w)`` for ``target`` ``(B,)`` / ``(B, T)`` from
-    ``leaf_features``. The head runs again (cheap), with dropout off if the model offers
-    ``map_logits`` (VGG heads), so several maps can come from one backbone pass."""
-    with torch.enable_grad():
-        logits = model.forward_head(features)
-        hook = getattr(model, "map_logits", None)
-        logits = logits if hook is None else hook(features, logits)
-        return model_maps(model, logits, features, target, method).detach()
-
-
-def network_maps(model: nn.Module, x: Tensor, target: Tensor, method: str) -> Tensor:
-    """Detached maps of ``model`` for ``target`` ``(B,)`` / ``(B, T)``, from images ``(B, 3, H, W)``.
-    For callbacks and pictures, not the training step."""
-    return head_maps(model, leaf_features(model, x), target, method)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from distill.explain.maps import model_maps
+from distill.explain.network import model_maps
 
 
 # --------------------------------------------------------------------------- maps

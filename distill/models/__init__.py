@@ -1,9 +1,8 @@
-"""Model registry. Every network exposes ``forward_features`` / ``forward_head`` (timm style).
+"""Networks by name, all behind one contract (``distill.models.contract.Network``).
 
-``forward_features(x) -> (B, K, h, w)`` are the activations that explanations are computed
-on; ``forward_head(a) -> (B, C)`` are the logits; ``forward(x)`` chains the two. A model whose
-head is global-average-pool + linear also exposes ``cam_linear`` (the ``nn.Linear``), which
-lets the explanation maps be computed in closed form.
+``build_model("wrn40_2", 10)``, ``build_model("timm", 100, arch="convnext_atto")``,
+``build_model("torchvision", 1000, arch="resnet34", weights="IMAGENET1K_V1")``; ``register_model``
+adds your own factory ``f(num_classes, **options)``.
 """
 
 from __future__ import annotations
@@ -12,21 +11,35 @@ from collections.abc import Callable
 
 from torch import nn
 
+from distill.errors import ConfigError
+from distill.models.adapters import SplitNetwork, TimmNetwork, timm_network, torchvision_network
+from distill.models.contract import (
+    Network,
+    NetworkSpec,
+    eval_mode,
+    inspect_head,
+    inspect_network,
+    map_head,
+    map_logits,
+    network_spec,
+    require_network,
+)
 from distill.models.vgg import VGG, vgg11_student, vgg16
-from distill.models.wrn import WideResNet, wrn16_1, wrn16_2, wrn28_10, wrn40_2
+from distill.models.wrn import WideResNet, wrn16_1, wrn16_2, wrn40_2
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "wrn16_1": wrn16_1,
     "wrn16_2": wrn16_2,
-    "wrn28_10": wrn28_10,
     "wrn40_2": wrn40_2,
     "vgg16": vgg16,
     "vgg11_student": vgg11_student,
+    "timm": timm_network,
+    "torchvision": torchvision_network,
 }
 
 
 def register_model(name: str):
-    """Decorator: make a model factory ``f(num_classes, **kwargs)`` buildable by name."""
+    """Decorator: make a model factory ``f(num_classes, **options)`` buildable by name."""
 
     def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         MODELS[name] = factory
@@ -35,20 +48,44 @@ def register_model(name: str):
     return wrap
 
 
-def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+# Keys of a teacher / student config node that are not options of the model factory.
+RUN_KEYS = ("name", "checkpoint", "compile", "as_is")
+
+
+def model_options(node: dict, weights_from_checkpoint: bool = False) -> dict:
+    """The factory options of a ``teacher`` / ``student`` config node. With
+    ``weights_from_checkpoint`` no pretrained weights are fetched (the checkpoint has them)."""
+    options = {k: v for k, v in node.items() if k not in RUN_KEYS}
+    if weights_from_checkpoint:
+        options.update({k: False if k == "pretrained" else None for k in ("pretrained", "weights") if k in options})
+    return options
+
+
+def build_model(name: str, num_classes: int, **options) -> nn.Module:
     """Build the registered network ``name`` with a ``num_classes``-way head."""
     if name not in MODELS:
-        raise ValueError(f"Unknown model '{name}'. Registered models: {', '.join(sorted(MODELS))}")
+        raise ConfigError(f"unknown model '{name}'; registered models: {', '.join(sorted(MODELS))}")
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    return MODELS[name](num_classes=num_classes, **kwargs)
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+    return MODELS[name](num_classes=num_classes, **options)
 
 
-def is_explainable(model: nn.Module) -> bool:
-    """True if the model exposes ``forward_features`` and ``forward_head``."""
-    return callable(getattr(model, "forward_features", None)) and callable(
-        getattr(model, "forward_head", None)
-    )
-
-
-__all__ = ["MODELS", "VGG", "WideResNet", "build_model", "is_explainable", "register_model"]
+__all__ = [
+    "MODELS",
+    "VGG",
+    "Network",
+    "NetworkSpec",
+    "SplitNetwork",
+    "TimmNetwork",
+    "WideResNet",
+    "build_model",
+    "eval_mode",
+    "inspect_head",
+    "inspect_network",
+    "map_head",
+    "map_logits",
+    "model_options",
+    "network_spec",
+    "register_model",
+    "require_network",
+]

@@ -11,8 +11,8 @@ same indices), so torchvision's ImageNet weights load into the teacher unchanged
 **Dropout and explanation maps.** Dropout sits between the explained layer and the logits, so a
 train-mode map would be the map of a random thinned network (and not the network that is
 evaluated). The rule here: *maps are always computed with the head's dropout off.* In eval
-mode that is automatic. In train mode (the student's interpretability loss) the distiller asks
-the model for ``map_logits(features, logits)``, which re-runs the head deterministically on
+mode that is automatic. In train mode (the student's interpretability loss) the maps go through
+the model's ``map_head(features)`` (the model contract's deterministic head), which re-runs the head on
 the same activations (a second, cheap pass through the FC layers; the differentiable graph to
 the features and weights is kept); the cross-entropy / KD still use the dropped-out logits.
 Dropout acts per sample, so it never mixes samples in the batched gradient either way.
@@ -121,12 +121,9 @@ class VGG(nn.Module):
                 out = layer(out)
         return out
 
-    def map_logits(self, features: Tensor, logits: Tensor) -> Tensor:
-        """Logits to differentiate for explanation maps: ``logits`` when no dropout is active
-        (eval mode, or ``dropout=0``), else a dropout-free head pass on ``features``."""
-        if self.training and self.dropout > 0:
-            return self.forward_head(features, dropout=False)
-        return logits
+    def map_head(self, a: Tensor) -> Tensor:
+        """The deterministic head that explanation maps are differentiated through (dropout off)."""
+        return self.forward_head(a, dropout=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
@@ -203,10 +200,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def map_logits(model: nn.Module, features: Tensor, logits: Tensor) -> Tensor:
-    """``model.map_logits`` where the model has one (dropout heads), else ``logits``."""
-    hook = getattr(model, "map_logits", None)
-    return logits if hook is None else hook(features, logits)
-
-
-__all__ = ["VGG", "count_parameters", "imagenet_vgg16_state", "make_layers", "map_logits", "vgg11_student", "vgg16"]
+__all__ = ["VGG", "count_parameters", "imagenet_vgg16_state", "make_layers", "vgg11_student", "vgg16"]

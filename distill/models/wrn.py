@@ -80,12 +80,7 @@ class WideResNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-    @property
-    def cam_linear(self) -> nn.Linear:
-        """The head is global-average-pool + this linear layer: maps have a closed form."""
-        return self.fc
-
-    def forward_groups(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def forward_stages(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Explained activations ``(B, 64k, h, w)`` and the three group outputs (for AT)."""
         out = self.conv1(x)
         groups = []
@@ -95,7 +90,7 @@ class WideResNet(nn.Module):
         return F.relu(self.bn(out)), groups
 
     def forward_features(self, x: Tensor) -> Tensor:
-        return self.forward_groups(x)[0]
+        return self.forward_stages(x)[0]
 
     def forward_head(self, a: Tensor) -> Tensor:
         return self.fc(a.mean(dim=(2, 3)))
