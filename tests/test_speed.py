@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from distill.errors import ConfigError
 from distill.explain import explanation_maps, model_maps
-from distill.models import build_model
+from distill.models import build_model, inspect_network
 from distill.module import DistillModule, ExplainSettings, LossWeights
 
 KD_EXPLAIN = LossWeights(ce=1.0, kd=1.0, explain=0.01)
@@ -30,6 +30,8 @@ def make_module(method: str | None = "gradcampp", closed_form: bool = True, weig
     torch.manual_seed(0)
     teacher = build_model("wrn16_2", 10)
     student = build_model("wrn16_1", 10)
+    for model in (teacher, student):  # as train.py does when it builds them: the head is measured once
+        inspect_network(model, torch.randn(2, 3, 16, 16))
     settings = ExplainSettings(method=method, closed_form=closed_form, **explain)
     return DistillModule(student, teacher, optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
                          weights=weights, explain=settings)
@@ -119,11 +121,11 @@ def grad_calls(monkeypatch):
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
 def test_wrn_training_step_uses_closed_form_without_second_backward(method, grad_calls):
-    closed = make_module(method, closed_form=True)
+    closed, forced = make_module(method, closed_form=True), make_module(method, closed_form=False)
+    grad_calls.clear()  # building checks each head's fast path against autograd once
     x, y = batch()
     terms, _ = closed.loss_terms(x, y)
     assert grad_calls == []  # no inner gradient at all, for the teacher nor for the student
-    forced = make_module(method, closed_form=False)
     forced_terms, _ = forced.loss_terms(x, y)
     assert grad_calls == [False, True]  # teacher first order, student with a graph (double backward)
     torch.testing.assert_close(terms["interpret"], forced_terms["interpret"], rtol=1e-4, atol=1e-7)

@@ -56,8 +56,10 @@ def _model_options(hparams: dict) -> dict:
 
 def load_model(path: str | Path, what: str = "checkpoint") -> LoadedModel:
     """Rebuild the ``model.*`` network of a distill checkpoint (any stage), in eval mode."""
+    import torch
+
     from distill.checkpoints import read_checkpoint
-    from distill.models import build_model, require_network
+    from distill.models import build_model, inspect_network, require_network
 
     path = Path(path)
     checkpoint = read_checkpoint(path, what)
@@ -76,6 +78,8 @@ def load_model(path: str | Path, what: str = "checkpoint") -> LoadedModel:
         raise CheckpointError(f"{what} '{path}' does not fit a {hparams['model_name']}: "
                               f"{str(err).splitlines()[0]}") from None
     require_network(model, what, hparams["model_name"])
+    size = int(((hparams.get("config") or {}).get("data") or {}).get("image_size") or 32)
+    inspect_network(model.eval(), torch.randn(2, 3, size, size))
     return LoadedModel(model.eval().requires_grad_(False), path, hparams)
 
 

@@ -66,6 +66,8 @@ def _maps(model: nn.Module, spec: NetworkSpec, path: str, features: Tensor, targ
             return _linear_maps(spec, model, features, target, method)
         if path == "pooled":
             return _pooled_maps(model, features, target, method, create_graph)
+        if not features.requires_grad:  # features from a pass without a graph: the head runs on a leaf
+            features, logits = features.detach().requires_grad_(True), None
         logits = map_logits(model, features, logits) if logits is not None else map_head(model, features)
         return explanation_maps(logits, features, target, method, create_graph)
 
@@ -82,8 +84,8 @@ def explain_network(
 ) -> Tensor:
     """Maps ``(B, h, w)`` / ``(B, T, h, w)`` of ``model`` for ``target`` ``(B,)`` / ``(B, T)``.
 
-    ``features`` ``(B, K, h, w)`` are ``model.forward_features(x)``; for the general path they must
-    be part of the graph to the logits (a ``leaf_features`` leaf, or the training graph).
+    ``features`` ``(B, K, h, w)`` are ``model.forward_features(x)``: with a graph (the student's
+    training step) or without one (then the head runs again on them as a leaf).
     ``logits``: the head's output on ``features`` if already computed (reused when the head is
     deterministic). ``create_graph``: differentiable maps (the student's). ``closed_form=False``
     forces the general path.

@@ -137,8 +137,8 @@ def torchvision_network(num_classes: int, arch: str = "resnet18", weights: str |
     same_classes = weight_enum is None or len(weight_enum.meta["categories"]) == num_classes
     try:
         with _DownloadTimeout():
-            model = models.get_model(arch, weights=weight_enum, num_classes=num_classes if same_classes else None,
-                                     **options)
+            classes = {"num_classes": num_classes} if same_classes else {}  # else: the weights' head, replaced
+            model = models.get_model(arch, weights=weight_enum, **classes, **options)
     except TypeError as err:
         raise ConfigError(f"torchvision model {arch} does not take these options {sorted(options)}: {err}") from None
     except (OSError, RuntimeError) as err:

@@ -132,7 +132,7 @@ def network_spec(model: nn.Module, features: Tensor | None = None) -> NetworkSpe
         if features is None:
             raise ConfigError(f"{type(model).__name__} was not inspected: call distill.models.inspect_network first")
         check_map_features(model, features)
-        spec = inspect_head(model, _random_like(features.detach().float()))
+        spec = inspect_head(model, _random_like(_at_least_float32(features.detach())))
     return spec
 
 
@@ -185,6 +185,10 @@ def check_map_features(model: nn.Module, features: Tensor) -> None:
         )
 
 
+def _at_least_float32(features: Tensor) -> Tensor:
+    return features.to(torch.promote_types(features.dtype, torch.float32))
+
+
 def _random_like(features: Tensor) -> Tensor:
     """A random non-negative batch like ``features``, with per-sample differences in scale."""
     scale = torch.rand(features.shape[0], 1, 1, 1, dtype=features.dtype, device=features.device)
@@ -233,7 +237,7 @@ def inspect_network(model: nn.Module, images: Tensor) -> NetworkSpec:
     with torch.no_grad(), eval_mode(model):
         features = model.forward_features(images)
     check_map_features(model, features)
-    return inspect_head(model, _random_like(features.float()))
+    return inspect_head(model, _random_like(_at_least_float32(features)))
 
 
 __all__ = [

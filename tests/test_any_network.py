@@ -1,0 +1,213 @@
+"""Any network behind the model contract: timm and torchvision classifiers with random weights.
+
+Maps are checked against an independent float64 reference that explains one sample and one class
+at a time with the plain Grad-CAM / Grad-CAM++ formulas (Grad-CAM eq. 1-2; Grad-CAM++ eq. 19
+with the closed-form alpha of eq. 19's exponential-score derivation), through the full network.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.errors import ConfigError
+from distill.explain import explain_network, leaf_features
+from distill.models import Network, build_model, inspect_network, network_spec
+
+# (library, arch, expected path): the fast path each family must get (point 4 of the any-network work).
+FAMILIES = [
+    ("timm", "resnet18", "linear"),
+    ("timm", "mobilenetv3_small_050", "pooled"),  # pool -> 1x1 conv -> act -> linear
+    ("timm", "convnext_atto", "pooled"),  # pool -> LayerNorm -> linear
+    ("timm", "efficientnet_b0", "linear"),
+    ("torchvision", "resnet18", "linear"),
+    ("torchvision", "mobilenet_v3_small", "pooled"),  # pool -> linear -> hardswish -> dropout -> linear
+    ("torchvision", "vgg11_bn", "general"),  # flatten + hidden FC layers
+]
+SIZE = 64  # 2 x 2 maps at stride 32
+
+
+def reference_maps(model: nn.Module, x: torch.Tensor, target: torch.Tensor, method: str) -> torch.Tensor:
+    """One sample, one class at a time, in float64, from ``dS^c/dA`` through the whole head."""
+    out = []
+    for i in range(x.shape[0]):
+        a = model.forward_features(x[i : i + 1]).detach().requires_grad_(True)
+        with torch.enable_grad():
+            score = model.forward_head(a)[0, target[i]]
+            (g,) = torch.autograd.grad(score, a)
+        a, g = a[0], g[0]  # (K, h, w)
+        if method == "gradcam":
+            w = g.mean(dim=(1, 2))
+        else:
+            s = a.sum(dim=(1, 2), keepdim=True)
+            denom = 2 * g**2 + s * g**3
+            alpha = torch.where(denom != 0, g**2 / torch.where(denom != 0, denom, torch.ones_like(denom)), 0.0)
+            w = (alpha * F.relu(g)).sum(dim=(1, 2))
+        out.append(F.relu((w[:, None, None] * a).sum(0)))
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=lambda p: f"{p[0]}-{p[1]}")
+def family(request):
+    library, arch, path = request.param
+    torch.manual_seed(0)
+    model = build_model(library, 5, arch=arch).eval()
+    spec = inspect_network(model, torch.randn(2, 3, SIZE, SIZE))
+    return model, spec, path
+
+
+def test_fast_path_is_the_one_the_head_allows(family):
+    model, spec, expected = family
+    assert isinstance(model, Network)
+    assert spec.path == expected
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
+def test_maps_equal_float64_per_sample_reference(family, method):
+    model, _, _ = family
+    model = model.double()
+    try:
+        x = torch.randn(3, 3, SIZE, SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        target = torch.tensor([0, 3, 4])
+        with torch.no_grad():
+            features = model.forward_features(x)
+        maps = explain_network(model, features, target, method)  # the chosen fast path
+        general = explain_network(model, leaf_features(model, x), target, method, closed_form=False)
+        expected = reference_maps(model, x, target, method)
+        assert expected.abs().sum() > 0
+        torch.testing.assert_close(maps, expected, rtol=1e-7, atol=1e-9 * expected.abs().max().item())
+        torch.testing.assert_close(general, expected, rtol=1e-7, atol=1e-9 * expected.abs().max().item())
+    finally:
+        model.float()
+
+
+def test_student_maps_reach_the_body(family):
+    model, _, _ = family
+    model.train()
+    try:
+        x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+        features = model.forward_features(x)
+        logits = model.forward_head(features)
+        maps = explain_network(model, features, torch.tensor([1, 2]), "gradcampp", logits=logits, create_graph=True)
+        first = next(p for p in model.parameters() if p.dim() == 4)  # the stem convolution
+        (grad,) = torch.autograd.grad(maps.square().sum(), first)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    finally:
+        model.eval()
+
+
+def test_pooled_path_makes_no_full_size_gradient(monkeypatch):
+    """A pool-first non-linear head: one autograd call, with respect to the pooled (B, K) vector."""
+    model = build_model("timm", 5, arch="convnext_atto").eval()
+    inspect_network(model, torch.randn(2, 3, 32, 32))
+    shapes, real = [], torch.autograd.grad
+
+    def recording(outputs, inputs, *args, **kwargs):
+        shapes.append(tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else tuple(inputs[0].shape))
+        return real(outputs, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", recording)
+    with torch.no_grad():
+        features = model.forward_features(torch.randn(4, 3, 32, 32))
+    explain_network(model, features, torch.tensor([[0, 1], [2, 3], [4, 0], [1, -1]]), "gradcampp")
+    assert shapes == [(4, features.shape[1])]
+
+
+def test_timm_head_dropout_gives_maps_with_dropout_off():
+    torch.manual_seed(0)
+    model = build_model("timm", 5, arch="resnet18", drop_rate=0.5)
+    spec = inspect_network(model, torch.randn(2, 3, 32, 32))
+    assert not spec.deterministic_head
+    model.train()
+    x = torch.randn(2, 3, 32, 32)
+    features = leaf_features(model, x)
+    first = explain_network(model, features, torch.tensor([0, 1]), "gradcam", closed_form=False)
+    again = explain_network(model, features, torch.tensor([0, 1]), "gradcam", closed_form=False)
+    torch.testing.assert_close(first, again)  # train mode, yet not random
+    model.eval()
+    torch.testing.assert_close(explain_network(model, features, torch.tensor([0, 1]), "gradcam",
+                                               closed_form=False), first)
+
+
+def test_channels_last_features_are_permuted():
+    """timm Swin returns (B, h, w, K): the adapter explains channels, not a spatial axis."""
+    model = build_model("timm", 5, arch="swin_tiny_patch4_window7_224", img_size=64, depths=(1, 1, 1, 1),
+                        embed_dim=24, num_heads=(1, 1, 1, 1), window_size=2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        raw = model.model.forward_features(x)
+        features = model.forward_features(x)
+        assert raw.shape[-1] == features.shape[1] == 192 and features.shape[-2:] == raw.shape[1:3]
+        torch.testing.assert_close(model.forward_head(features), model.model(x))
+    assert inspect_network(model, x).path == "linear"  # its LayerNorm is in forward_features: pool -> linear
+
+
+def test_vit_is_refused_with_what_to_use():
+    model = build_model("timm", 5, arch="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
+    with pytest.raises(ConfigError, match=r"token models .* explain=none"):
+        inspect_network(model, torch.randn(2, 3, 32, 32))
+
+
+def test_torchvision_layer_by_name_and_skip_connection_refused():
+    model = build_model("torchvision", 5, arch="resnet18", layer="layer3").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert model.forward_features(x).shape[1] == 256
+    assert inspect_network(model, x).path == "general"  # layer4 sits between layer3 and the pool
+    with pytest.raises(ConfigError, match=r"layer='layer3.0.conv1'.*skip connection"):
+        build_model("torchvision", 5, arch="resnet18", layer="layer3.0.conv1")
+    with pytest.raises(ConfigError, match="is not a layer of this network"):
+        build_model("torchvision", 5, arch="resnet18", layer="layer9")
+
+
+def test_torchvision_split_equals_the_model():
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    reference = resnet18(num_classes=5).eval()
+    torch.manual_seed(0)
+    model = build_model("torchvision", 5, arch="resnet18").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
+
+
+def test_offline_weights_and_unknown_names_are_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from distill.errors import DistillError
+
+    for library, options in (("torchvision", {"arch": "resnet18", "weights": "IMAGENET1K_V1"}),
+                             ("timm", {"arch": "resnet18", "pretrained": True})):
+        with pytest.raises(DistillError, match="neither cached nor downloadable") as info:
+            build_model(library, 10, **options)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="not a weight set of resnet18"):
+        build_model("torchvision", 10, arch="resnet18", weights="IMAGENET9K")
+    with pytest.raises(ConfigError, match="not a timm model"):
+        build_model("timm", 10, arch="resnet_nonexistent")
+
+
+def test_spec_is_measured_not_assumed():
+    """A head that looks like pool + linear but is not (max pool) gets the general path."""
+
+    class MaxPoolHead(nn.Module):
+        num_classes = 3
+
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
+
+        def forward_features(self, x):
+            return F.relu(self.conv(x))
+
+        def forward_head(self, a):
+            return self.fc(a.amax(dim=(2, 3)))
+
+    model = MaxPoolHead()
+    assert inspect_network(model, torch.randn(2, 3, 8, 8)).path == "general"
+    assert network_spec(model).path == "general"
