@@ -2,6 +2,10 @@
 
     python scripts/bench_step.py                      # WRN-40-2 -> WRN-16-2, batch 128
     python scripts/bench_step.py --steps 3 --batch-size 64 --precision bf16
+    python scripts/bench_step.py --teacher torchvision:resnet34 --student torchvision:resnet18 --image-size 224
+    python scripts/bench_step.py --teacher timm:convnext_atto --student timm:mobilenetv3_small_050
+
+A model is a registered name (``wrn40_2``) or ``timm:<arch>`` / ``torchvision:<arch>``.
 
 Side by side, in one process and on the same batches, one training step (forward, loss,
 backward, SGD step) of:
@@ -40,7 +44,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distill.models import build_model  # noqa: E402
+from distill.models import build_model, inspect_network, network_spec  # noqa: E402
 from distill.module import DistillModule, ExplainSettings, LossWeights  # noqa: E402
 
 KD = {"kd": 1.0, "temperature": 4.0}
@@ -66,8 +70,8 @@ HEADLINE = "CE + KD + Grad-CAM++"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--teacher", default="wrn40_2")
-    parser.add_argument("--student", default="wrn16_2")
+    parser.add_argument("--teacher", default="wrn40_2", help="wrn40_2, timm:<arch> or torchvision:<arch>")
+    parser.add_argument("--student", default="wrn16_2", help="wrn16_2, timm:<arch> or torchvision:<arch>")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
@@ -79,6 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="which figure the ratios on the last two lines use (all are printed)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
+
+
+def network(spec: str, image_size: int) -> nn.Module:
+    """``wrn40_2`` or ``timm:<arch>`` / ``torchvision:<arch>``, with its head measured (as train.py does)."""
+    name, _, arch = spec.partition(":")
+    model = build_model(name, 10, **({"arch": arch} if arch else {}))
+    inspect_network(model, torch.randn(2, 3, image_size, image_size))
+    return model
 
 
 def optimizer_for(model: nn.Module) -> torch.optim.Optimizer:
@@ -155,8 +167,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     torch.manual_seed(args.seed)
-    teacher = build_model(args.teacher, 10).to(device).eval().requires_grad_(False)
-    student = build_model(args.student, 10).to(device)
+    teacher = network(args.teacher, args.image_size).to(device).eval().requires_grad_(False)
+    student = network(args.student, args.image_size).to(device)
+    print(f"map paths: teacher {network_spec(teacher).path}, student {network_spec(student).path}")
     steps = [Step(name, student, teacher, spec) for name, spec in VARIANTS.items()]
     if args.precision == "bf16":
         def autocast():

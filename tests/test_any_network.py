@@ -211,3 +211,64 @@ def test_spec_is_measured_not_assumed():
     model = MaxPoolHead()
     assert inspect_network(model, torch.randn(2, 3, 8, 8)).path == "general"
     assert network_spec(model).path == "general"
+
+
+# --------------------------------------------------------------------------- through train.py
+PAIRS = {
+    "timm": ["teacher=timm", "teacher.arch=resnet10t", "student=timm", "student.arch=mobilenetv3_small_050"],
+    "torchvision": ["teacher=torchvision", "teacher.arch=resnet18", "student=torchvision",
+                    "student.arch=mobilenet_v3_small"],
+    "mixed": ["teacher=wrn16_2", "student=timm", "student.arch=convnext_atto"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pair", sorted(PAIRS))
+def test_pairs_distill_through_train_py(pair, tmp_path):
+    import json
+    import math
+
+    from tests.conftest import run_train
+
+    proc = run_train(["experiment=smoke", "logger=none", "explain=gradcampp", "kd=hinton", "data.image_size=32",
+                      "trainer.max_epochs=1", *PAIRS[pair]], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = (tmp_path / "logs").rglob("metrics.json")
+    metrics = json.loads(path.read_text())["metrics"]
+    assert math.isfinite(metrics["test/map_cosine"]) and math.isfinite(metrics["train/interpret"])
+
+
+def test_attention_transfer_across_families_matches_stages_by_resolution():
+    from functools import partial
+
+    from distill.module import DistillModule, LossWeights
+
+    torch.manual_seed(0)
+    teacher, student = build_model("wrn16_2", 5), build_model("timm", 5, arch="resnet10t")
+    module = DistillModule(student, teacher, optimizer=partial(torch.optim.SGD, lr=0.1),
+                           weights=LossWeights(at=1000.0))
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    _, t_stages = teacher.forward_stages(x)
+    _, s_stages = student.forward_stages(x)
+    shared = {tuple(t.shape[-2:]) for t in t_stages} & {tuple(s.shape[-2:]) for s in s_stages}
+    assert shared == {(16, 16), (8, 8)}  # WRN groups at 32, 16, 8; ResNet stages at 16, 8, 4, 2, 1
+    terms, _ = module.loss_terms(x, y)
+    assert torch.isfinite(terms["at"]) and terms["at"] > 0
+    with pytest.raises(ConfigError, match="lacks forward_stages"):
+        DistillModule(build_model("torchvision", 5, arch="resnet18"), teacher,
+                      optimizer=partial(torch.optim.SGD, lr=0.1), weights=LossWeights(at=1000.0))
+
+
+def test_readme_own_model_example_runs(capsys):
+    from pathlib import Path
+
+    from distill.models import MODELS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("<!-- own-model-example -->\n```python\n", 1)[1].split("```", 1)[0]
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+        assert capsys.readouterr().out.strip() == "linear"
+        assert MODELS["tinynet"](num_classes=3).num_classes == 3
+    finally:
+        MODELS.pop("tinynet", None)
