@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from distill.models import MODELS, Network, WideResNet, build_model, inspect_network, network_spec, register_model
+from distill.models import MODELS, Network, WideResNet, build_model, inspect_network, register_model
 
 EXPECTED_PARAMS = {"wrn40_2": 2_243_546, "wrn16_2": 691_674}
 
