@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from distill.callbacks import EpochSeeding, EpochTimer, ExplanationPanel
 from distill.callbacks_localization import localization_callbacks
 from distill.checkpoints import AtomicCheckpointIO, load_network
+from distill.config_schema import check_config, check_model_options
 from distill.ddp import ddp_barrier, ddp_job
 from distill.errors import CheckpointError, ConfigError, DistillError, os_cause, os_error_message
 from distill.models import build_model, is_explainable
@@ -336,12 +337,14 @@ def quiet_lightning() -> None:
 def run(cfg: DictConfig) -> dict:
     """Run the configured stage; write ``metrics.json`` in the output directory and return it."""
     quiet_lightning()
+    check_config(cfg, "train")
     if cfg.get("resume"):
         cfg, finished = resume_config(cfg, hydra_overrides())
         if finished is not None:
             return finished
     if cfg.stage not in STAGES:
         raise ConfigError(f"stage '{cfg.stage}' is unknown; choose one of {STAGES}")
+    check_model_options(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data, "the data (data=...)")
     check_data(datamodule)

@@ -366,9 +366,11 @@ def run_script(function, cfg: DictConfig):
     """Run ``function(cfg)``; a ``DistillError`` becomes one line on stderr and exit status 2."""
     import sys
 
+    from distill.config_schema import check_config
     from distill.errors import DistillError
 
     try:
+        check_config(cfg, function.__name__)
         check_paths(cfg)
         return function(cfg)
     except DistillError as err:
