@@ -395,6 +395,7 @@ def _message(err: ValidationError, model: type[BaseModel], raw: dict, prefix: st
         return (f"unknown config key {key}={value!r}: {group} takes only {', '.join(_keys(owner))} "
                 f"(check the spelling; a '+key=' override cannot add keys){more}")
     if first["type"] == "missing":
+        key = ".".join(str(part) for part in ([prefix] if prefix else []) + list(first["loc"]))
         return f"config key {key} is required but not set: add {key}=...{more}"
     if first["type"] == "value_error":
         return f"{key}: {first['msg'].removeprefix('Value error, ')}{more}"
@@ -429,6 +430,8 @@ def config_errors(cfg: DictConfig, name: str = "train") -> str | None:
         key = missing[0]
         return f"config key {key} is required but not set (it is ???): add {key}=... on the command line"
     raw = {k: _resolved(cfg, k, v) for k, v in unresolved.items()}
+    if raw.get("logger") == {}:  # logger=none: an empty group
+        raw["logger"] = None
     schema = SCHEMAS[name]
     try:
         schema.model_validate(raw)
