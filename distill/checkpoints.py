@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,12 @@ def _check_file(path: Path, what: str) -> None:
         raise CheckpointError(f"{what} '{path}' cannot be read (permission denied): fix its permissions")
 
 
+def _is_refusal(err: Exception) -> bool:
+    """True when the safe unpickler met an object it does not allow (not a torn file)."""
+    detail = str(err).rpartition("WeightsUnpickler error:")[2]
+    return bool(re.search(r"GLOBAL |allowlist|allowed global|add_safe_globals", detail))
+
+
 def _refusal(path: Path, what: str, err: Exception) -> CheckpointError:
     found = re.search(r"GLOBAL (\S+)", str(err))
     needs = f"the Python object {found.group(1)}" if found else "Python objects beyond tensors and plain containers"
@@ -55,16 +62,18 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint", trusted: bool = 
     path = Path(path)
     _check_file(path, what)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=not trusted)
+        with warnings.catch_warnings():  # torch warns about legacy / foreign files: the error says it
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as err:
-        if not trusted and "weights only" in str(err).lower():
+        if not trusted and _is_refusal(err):
             raise _refusal(path, what, err) from None
-        raise CheckpointError(f"{what} '{path}' could not be read ({str(err).splitlines()[0]}); it is corrupt or "
-                              "not a PyTorch checkpoint: re-create it or point to another file") from None
+        raise CheckpointError(f"{what} '{path}' could not be read (it could not be unpickled); it is truncated, "
+                              "corrupt or not a PyTorch checkpoint: re-create it or point to another file") from None
     except PermissionError as err:
         raise CheckpointError(f"{what} '{path}' cannot be read ({os_cause(err)}): fix its permissions") from None
     except Exception as err:  # torch raises many types for a torn or foreign file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else ""
         raise CheckpointError(
             f"{what} '{path}' could not be read ({type(err).__name__}: {first}); it is truncated, corrupt or not "
             "a PyTorch checkpoint: re-create it or point to another file"

@@ -139,6 +139,11 @@ def test_checkpoint_path_that_is_a_directory_unreadable_or_truncated(tmp_path, m
     with pytest.raises(CheckpointError, match="truncated, corrupt or not a PyTorch checkpoint") as info:
         read_checkpoint(truncated, "teacher checkpoint")
     assert "\n" not in str(info.value) and str(truncated) in str(info.value)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x80\x02 not a checkpoint" * 50)
+    with pytest.raises(CheckpointError, match="could not be read .*truncated, corrupt") as info:
+        read_checkpoint(garbage, "teacher checkpoint")
+    assert "refused" not in str(info.value)
     # root reads any file whatever its mode, so the permission check is simulated
     monkeypatch.setattr("distill.checkpoints.os.access", lambda path, mode: False)
     with pytest.raises(CheckpointError, match="cannot be read \\(permission denied\\)"):
