@@ -20,7 +20,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
 
-from distill.errors import CheckpointError, os_cause
+from distill.errors import CheckpointError, os_cause, remove_quietly
 from distill.models import build_model
 
 TRUST_OPTION = "trust_checkpoints=true"
@@ -116,7 +116,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException as err:
-            tmp.unlink(missing_ok=True)
+            remove_quietly(tmp)
             if isinstance(err, OSError):
                 kept = " (the previous checkpoint there is kept)" if path.is_file() else ""
                 raise CheckpointError(f"could not write checkpoint {path.name} in folder {path.parent}: "

@@ -137,7 +137,6 @@ class Model(Open):
     width: PosFloat | None = None
     hidden: PosInt | None = None
     batch_norm: bool | None = None
-    kwargs: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------------------------------- losses

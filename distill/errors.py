@@ -6,7 +6,9 @@ traceback and exits with status 2.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 
 
 def _worker_message(message: object) -> object:
@@ -53,3 +55,9 @@ def os_error_message(err: OSError) -> str:
     """One line for a disk or folder fault: the file or folder, and the cause."""
     where = f"'{err.filename}'" if err.filename else "a file"
     return f"could not write or read {where}: {os_cause(err)}; check the folder's permissions and free disk space"
+
+
+def remove_quietly(path: str | os.PathLike) -> None:
+    """Delete ``path`` if it is there (a half-written ``*.tmp``); never raise."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)

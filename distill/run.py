@@ -32,7 +32,7 @@ from distill.callbacks_localization import localization_callbacks
 from distill.checkpoints import AtomicCheckpointIO, load_network
 from distill.config_schema import check_config, check_model_options
 from distill.ddp import ddp_barrier, ddp_job
-from distill.errors import CheckpointError, ConfigError, DistillError, os_cause, os_error_message
+from distill.errors import CheckpointError, ConfigError, DistillError, os_cause, os_error_message, remove_quietly
 from distill.models import build_model, is_explainable
 from distill.module import ClassifierModule, DistillModule, ExplainSettings, LossWeights
 from distill.resume import hydra_overrides, last_checkpoint, resume_config
@@ -194,8 +194,12 @@ def metrics_to_floats(metrics: dict[str, Any]) -> dict[str, float]:
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)  # a full disk leaves no metrics.json.tmp behind
+        raise
 
 
 def publish(source: str | Path, target: Path) -> None:
@@ -206,7 +210,7 @@ def publish(source: str | Path, target: Path) -> None:
         shutil.copyfile(source, tmp)
         os.replace(tmp, target)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)
         raise CheckpointError(f"could not publish {Path(source).name} as {target.name} in folder {target.parent}: "
                               f"{os_cause(err)}; the trained checkpoint stays in {Path(source).parent}") from None
 

@@ -194,6 +194,19 @@ def test_disk_full_mid_write_leaves_no_tmp_and_the_previous_checkpoint(tmp_path,
     assert torch.equal(read_checkpoint(path)["state_dict"]["w"], torch.ones(3))
 
 
+def test_teacher_that_cannot_be_published_is_one_line_naming_the_folder(tmp_path):
+    from distill.run import publish
+
+    source = real_checkpoint(tmp_path / "best.ckpt")
+    blocker = tmp_path / "checkpoints"
+    blocker.write_text("a file where the checkpoints/ folder should be")
+    with pytest.raises(CheckpointError) as info:
+        publish(source, blocker / "wrn16_1_synthetic.ckpt")
+    message = str(info.value)
+    assert "\n" not in message and f"in folder {blocker}" in message and "(E" in message  # e.g. (ENOTDIR)
+    assert source.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "checkpoints"]
+
+
 def test_non_finite_weights_are_never_written(tmp_path):
     path = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
