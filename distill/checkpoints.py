@@ -1,8 +1,18 @@
-"""Checkpoint I/O: atomic writes, and loading a trained network back by name."""
+"""Checkpoint I/O: safe loading, atomic writes, and loading a trained network back by name.
+
+Every checkpoint the project reads goes through :func:`read_checkpoint`, which unpickles with
+``torch.load(weights_only=True)``: tensors, numbers, strings and plain containers only, so a
+crafted file cannot run code. The checkpoints train.py writes need nothing else (hyperparameters
+are saved as plain dicts). A file that needs more is refused unless the user trusts it
+(``trust_checkpoints=true``).
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,34 +21,62 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
 
-from distill.errors import CheckpointError
+from distill.errors import CheckpointError, os_cause, remove_quietly
 from distill.identity import differences
 
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to ``<path>.tmp``, fsync, then rename: a kill mid-save never leaves a torn file."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+TRUST_OPTION = "trust_checkpoints=true"
 
 
-def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
-    """Load a Lightning checkpoint on the CPU, with a clear error when it is missing or corrupt."""
-    path = Path(path)
-    if not path.is_file():
+def _check_file(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise CheckpointError(f"{what} '{path}' is a directory, not a checkpoint file: point to a .ckpt file")
+    if not path.exists():
         raise CheckpointError(f"{what} '{path}' does not exist: check the path")
+    if not path.is_file():
+        raise CheckpointError(f"{what} '{path}' is not a regular file: point to a .ckpt file")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{what} '{path}' cannot be read (permission denied): fix its permissions")
+
+
+def _is_refusal(err: Exception) -> bool:
+    """True when the safe unpickler met an object it does not allow (not a torn file)."""
+    detail = str(err).rpartition("WeightsUnpickler error:")[2]
+    return bool(re.search(r"GLOBAL |allowlist|allowed global|add_safe_globals", detail))
+
+
+def _refusal(path: Path, what: str, err: Exception) -> CheckpointError:
+    found = re.search(r"GLOBAL (\S+)", str(err))
+    needs = f"the Python object {found.group(1)}" if found else "Python objects beyond tensors and plain containers"
+    return CheckpointError(
+        f"{what} '{path}' was refused: it needs {needs}, which the safe loader (torch.load weights_only=True) "
+        f"does not allow because unpickling it could run code. Only if you trust this file, load it with "
+        f"{TRUST_OPTION}"
+    )
+
+
+def read_checkpoint(path: str | Path, what: str = "checkpoint", trusted: bool = False) -> dict[str, Any]:
+    """Load a Lightning checkpoint on the CPU with the safe loader, or raise ``CheckpointError``
+    (one line) when it is missing, a directory, unreadable, truncated, corrupt or needs code.
+
+    ``trusted=True`` (the user's explicit opt-in) allows full unpickling.
+    """
+    path = Path(path)
+    _check_file(path, what)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # torch warns about legacy / foreign files: the error says it
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as err:
+        if not trusted and _is_refusal(err):
+            raise _refusal(path, what, err) from None
+        raise CheckpointError(f"{what} '{path}' could not be read (it could not be unpickled); it is truncated, "
+                              "corrupt or not a PyTorch checkpoint: re-create it or point to another file") from None
+    except PermissionError as err:
+        raise CheckpointError(f"{what} '{path}' cannot be read ({os_cause(err)}): fix its permissions") from None
     except Exception as err:  # torch raises many types for a torn or foreign file
+        first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else ""
         raise CheckpointError(
-            f"{what} '{path}' could not be read ({type(err).__name__}: {err}); it is corrupt or not "
+            f"{what} '{path}' could not be read ({type(err).__name__}: {first}); it is truncated, corrupt or not "
             "a PyTorch checkpoint: re-create it or point to another file"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -46,15 +84,59 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
     return checkpoint
 
 
+def non_finite_keys(state: dict[str, Any]) -> list[str]:
+    """The floating-point tensors of ``state`` that hold a NaN or an infinity."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to ``<path>.tmp``, fsync, then rename: a kill or a full disk mid-save never leaves a
+    torn file, the previous checkpoint stays loadable and no ``*.tmp`` is left behind. Never writes
+    non-finite weights. Loads (``resume=``) with :func:`read_checkpoint`."""
+
+    def __init__(self, trusted: bool = False) -> None:
+        super().__init__()
+        self.trusted = trusted
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        bad = non_finite_keys(checkpoint.get("state_dict", {}))
+        if bad:
+            raise CheckpointError(
+                f"not writing {path}: the weights became non-finite by step {checkpoint.get('global_step', '?')} "
+                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); lower the learning rate "
+                "(optim.optimizer.lr) or the loss weights"
+            )
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as err:
+            remove_quietly(tmp)
+            if isinstance(err, OSError):
+                kept = " (the previous checkpoint there is kept)" if path.is_file() else ""
+                raise CheckpointError(f"could not write checkpoint {path.name} in folder {path.parent}: "
+                                      f"{os_cause(err)}{kept}") from None
+            raise
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return read_checkpoint(path, "resume checkpoint", trusted=self.trusted)
+
+
 def load_network(path: str | Path, build: Callable[[], nn.Module], name: str, num_classes: int,
-                 identity: dict | None = None, what: str = "teacher checkpoint") -> nn.Module:
+                 identity: dict | None = None, what: str = "teacher checkpoint", trusted: bool = False) -> nn.Module:
     """The network ``build()`` with the ``model.*`` weights of the distill checkpoint at ``path``.
 
     Raises ``CheckpointError`` when the file is missing or corrupt, or when it holds another
     architecture, number of classes, or (where both record one) another network or data
     ``identity`` (``distill.identity``): one line saying what differs.
     """
-    checkpoint = read_checkpoint(path, what)
+    checkpoint = read_checkpoint(path, what, trusted)
     hparams = checkpoint.get("hyper_parameters", {})
     saved_name, saved_classes = hparams.get("model_name"), hparams.get("num_classes")
     if saved_name != name or saved_classes != num_classes:

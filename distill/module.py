@@ -86,12 +86,15 @@ class ClassifierModule(pl.LightningModule):
         task=None,
         skip_nonfinite: bool = False,
         scheduler_interval: str = "epoch",
+        max_skipped_steps: int = 10,
     ) -> None:
         super().__init__()
         if scheduler_interval not in ("epoch", "step"):
             raise ConfigError(f"optim.interval={scheduler_interval!r}: use epoch or step")
         self.model = model
         self.skip_nonfinite = skip_nonfinite
+        self.max_skipped_steps = max_skipped_steps  # consecutive skipped steps before the run stops
+        self._skipped_in_a_row = 0
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.task = task or MulticlassTask(model.num_classes)
         self.optimizer_factory = optimizer
@@ -111,6 +114,7 @@ class ClassifierModule(pl.LightningModule):
         One host sync per step, outside the explanation path, to never train on a NaN.
         """
         if torch.isfinite(loss):
+            self._skipped_in_a_row = 0
             return True
         bad = [name for name, value in terms.items() if not torch.isfinite(value).all()] or ["loss"]
         where = f"at step {self.global_step} (epoch {self.current_epoch})"
@@ -119,10 +123,27 @@ class ClassifierModule(pl.LightningModule):
                 f"loss term {', '.join(bad)} became non-finite {where}. Lower the learning rate "
                 "(optim.optimizer.lr) or that term's weight, or set trainer.skip_nonfinite=true to skip such steps"
             )
+        self._skipped_in_a_row += 1
+        if self._skipped_in_a_row > self.max_skipped_steps:
+            raise NonFiniteLossError(
+                f"{self._skipped_in_a_row} steps in a row had a non-finite loss ({', '.join(bad)}), the last {where}: "
+                f"stopping (trainer.max_skipped_steps={self.max_skipped_steps}). Lower the learning rate "
+                "(optim.optimizer.lr) or the loss weights"
+            )
         self.skipped_steps += 1
         log.warning("skipping step: loss term %s is non-finite %s", ", ".join(bad), where)
         self.log("train/skipped_nonfinite", self.skipped_steps.float(), on_step=True, on_epoch=False)
         return False
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Stop as soon as an optimizer step made a parameter non-finite (e.g. a NaN learning
+        rate): such weights would otherwise be validated, skipped over and checkpointed."""
+        params = [p.detach() for p in self.trainable_parameters()]
+        if params and not torch.stack([torch.isfinite(p).all() for p in params]).all():
+            raise NonFiniteLossError(
+                f"the parameters became non-finite at step {self.global_step} (epoch {self.current_epoch}), "
+                "after an optimizer step: lower the learning rate (optim.optimizer.lr) or the loss weights"
+            )
 
     def log_train_score(self, logits: Tensor, target: Tensor) -> None:
         self.train_score(logits, target)
@@ -184,8 +205,10 @@ class DistillModule(ClassifierModule):
         task=None,
         skip_nonfinite: bool = False,
         scheduler_interval: str = "epoch",
+        max_skipped_steps: int = 10,
     ) -> None:
-        super().__init__(student, optimizer, scheduler, hparams, task, skip_nonfinite, scheduler_interval)
+        super().__init__(student, optimizer, scheduler, hparams, task, skip_nonfinite, scheduler_interval,
+                         max_skipped_steps)
         if teacher.num_classes != student.num_classes:
             raise ConfigError(
                 f"teacher has {teacher.num_classes} classes but the student has "

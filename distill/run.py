@@ -30,16 +30,19 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from distill.callbacks import EpochSeeding, EpochTimer, ExplanationPanel
 from distill.callbacks_localization import localization_callbacks
 from distill.checkpoints import AtomicCheckpointIO, load_network
+from distill.config_schema import check_config, check_model_options
 from distill.ddp import ddp_barrier, ddp_job
-from distill.errors import ConfigError, DistillError
+from distill.errors import CheckpointError, ConfigError, DistillError, os_cause, os_error_message, remove_quietly
 from distill.identity import checkpoint_stem, data_identity, network_identity
 from distill.models import build_model, inspect_network, model_options, require_network
 from distill.module import ClassifierModule, DistillModule, ExplainSettings, LossWeights
+from distill.resume import hydra_overrides, last_checkpoint, resume_config
 from distill.tasks import build_task
 
 log = logging.getLogger("distill")
 
 STAGES = ("teacher", "baseline", "distill")
+MODULE_TRAINER_KEYS = ("skip_nonfinite", "max_skipped_steps")  # trainer.* keys the LightningModule reads
 WANDB_ID_FILE = "wandb_run_id"
 
 
@@ -57,25 +60,6 @@ def instantiate(node: DictConfig, what: str, **kwargs) -> Any:
 
 def output_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir)
-
-
-def resume_config(cfg: DictConfig) -> DictConfig:
-    """``resume=<run dir>``: that run's saved config, its output dir and its last checkpoint."""
-    run_dir = Path(cfg.resume)
-    saved = run_dir / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError(
-            f"resume={run_dir}: no .hydra/config.yaml there. Pass the output directory of the run "
-            "to resume, e.g. resume=logs/train/runs/2026-01-01_12-00-00"
-        )
-    resumed = OmegaConf.load(saved)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    with open_dict(resumed):
-        resumed.paths.output_dir = str(run_dir.resolve())
-        resumed.ckpt_path = str(last) if last.is_file() else None
-        resumed.resume = None
-    log.info("Resuming %s from %s", run_dir, resumed.ckpt_path or "the start (no checkpoint yet)")
-    return resumed
 
 
 # ---------------------------------------------------------------------------- logger
@@ -126,24 +110,28 @@ def finish_logger(logger: Logger | None) -> None:
 # ---------------------------------------------------------------------------- trainer
 def build_trainer(cfg: DictConfig, logger: Logger | None, callbacks: list[pl.Callback]) -> pl.Trainer:
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_cfg.pop("skip_nonfinite", None)  # read by the LightningModule, not the Trainer
+    for key in MODULE_TRAINER_KEYS:  # read by the LightningModule, not the Trainer
+        trainer_cfg.pop(key, None)
     if logger is not None:
         callbacks = [*callbacks, LearningRateMonitor(logging_interval="epoch")]
     return instantiate(
         OmegaConf.create(trainer_cfg), "the trainer (trainer=...)",
         logger=logger if logger is not None else False,
         callbacks=[*callbacks, EpochTimer(), EpochSeeding(int(cfg.seed))],
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(trusted=bool(cfg.get("trust_checkpoints", False)))],
         default_root_dir=str(output_dir(cfg)),
     )
 
 
-def checkpoint_callback(run_dir: Path, monitor: str) -> ModelCheckpoint:
-    """``best.ckpt`` (by ``monitor``) and ``last.ckpt`` in ``run_dir/checkpoints``."""
-    return ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode="max",
-        save_last=True, auto_insert_metric_name=False, enable_version_counter=False,
-    )
+def checkpoint_callbacks(run_dir: Path, monitor: str) -> tuple[ModelCheckpoint, ModelCheckpoint]:
+    """``best.ckpt`` (by ``monitor``) and ``last.ckpt`` (every epoch, improved or not) in
+    ``run_dir/checkpoints``. Two callbacks: Lightning's ``save_last`` only writes when the monitor
+    improved. Best first, so that ``last.ckpt`` records the best path of the same epoch."""
+    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode="max",
+                           auto_insert_metric_name=False, enable_version_counter=False)
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                           auto_insert_metric_name=False, enable_version_counter=False)
+    return best, last
 
 
 # ---------------------------------------------------------------------------- models
@@ -185,6 +173,11 @@ def optimization(cfg: DictConfig) -> dict:
     }
 
 
+def nonfinite_options(cfg: DictConfig) -> dict:
+    return {"skip_nonfinite": bool(cfg.trainer.get("skip_nonfinite", False)),
+            "max_skipped_steps": int(cfg.trainer.get("max_skipped_steps", 10))}
+
+
 def default_teacher_checkpoint(cfg: DictConfig, datamodule: pl.LightningDataModule) -> Path:
     """``checkpoints/<network>_<data>-<hash of both identities>.ckpt``."""
     ident = identity(cfg, "teacher", datamodule)
@@ -224,16 +217,25 @@ def metrics_to_floats(metrics: dict[str, Any]) -> dict[str, float]:
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)  # a full disk leaves no metrics.json.tmp behind
+        raise
 
 
 def publish(source: str | Path, target: Path) -> None:
     """Copy a finished checkpoint to ``target`` atomically (tmp file, then rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except OSError as err:
+        remove_quietly(tmp)
+        raise CheckpointError(f"could not publish {Path(source).name} as {target.name} in folder {target.parent}: "
+                              f"{os_cause(err)}; the trained checkpoint stays in {Path(source).parent}") from None
 
 
 # ---------------------------------------------------------------------------- stages
@@ -242,9 +244,9 @@ def fit_and_test(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.Lig
     """Fit (resuming from ``cfg.ckpt_path`` if set), test the final weights, return the metrics."""
     logger = build_logger(cfg, run_name(cfg, stage), run_dir)
     remember_wandb_run(logger, run_dir)
-    ckpt = checkpoint_callback(run_dir, monitor=f"val/{module.task.score_name}")
+    best, last = checkpoint_callbacks(run_dir, monitor=f"val/{module.task.score_name}")
     extra_callbacks = [*extra_callbacks, *localization_callbacks(datamodule)]  # VOC box localisation
-    trainer = build_trainer(cfg, logger, [ckpt, *extra_callbacks])
+    trainer = build_trainer(cfg, logger, [best, last, *extra_callbacks])
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -252,7 +254,7 @@ def fit_and_test(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.Lig
     if cfg.get("test_after_fit", True):
         tested = trainer.test(module, datamodule=datamodule, verbose=False)
         metrics.update(metrics_to_floats(tested[0] if tested else {}))
-    paths = {"checkpoint/best": ckpt.best_model_path, "checkpoint/last": ckpt.last_model_path}
+    paths = {"checkpoint/best": best.best_model_path, "checkpoint/last": last.best_model_path}
     if logger is not None:
         logger.log_hyperparams(paths)
     log.info("checkpoints: best %s, last %s", paths["checkpoint/best"], paths["checkpoint/last"])
@@ -265,8 +267,7 @@ def train_classifier(cfg: DictConfig, datamodule: pl.LightningDataModule, role: 
     """Cross-entropy training of ``cfg[role]`` alone (a teacher, or the baseline student)."""
     module = ClassifierModule(
         network(cfg, role), task=task_of(datamodule, int(cfg.data.num_classes)),
-        hparams=model_hparams(cfg, role, stage, datamodule), skip_nonfinite=cfg.trainer.get("skip_nonfinite", False),
-        **optimization(cfg),
+        hparams=model_hparams(cfg, role, stage, datamodule), **nonfinite_options(cfg), **optimization(cfg),
     )
     return fit_and_test(cfg, module, datamodule, stage, run_dir)
 
@@ -300,11 +301,13 @@ def announce_teacher(path: Path) -> None:
 
 def resolve_teacher(cfg: DictConfig, datamodule: pl.LightningDataModule) -> tuple[torch.nn.Module, Path | None]:
     """The teacher: as built (``teacher.as_is``: e.g. ImageNet weights for ImageNet data), from
-    ``teacher.checkpoint``, or from the default checkpoint, trained first when it does not exist."""
+    ``teacher.checkpoint``, or from the default checkpoint, trained first when it does not exist
+    (a resumed run killed in that stage continues the teacher's own run)."""
     if cfg.teacher.get("as_is"):
         log.info("Teacher: %s as built (teacher.as_is=true: not trained here)", model_label(cfg.teacher))
         return network(cfg, "teacher"), None
     expected = identity(cfg, "teacher", datamodule)
+    trusted = bool(cfg.get("trust_checkpoints", False))
     if cfg.teacher.checkpoint is not None:
         path = Path(cfg.teacher.checkpoint)
     else:
@@ -312,14 +315,18 @@ def resolve_teacher(cfg: DictConfig, datamodule: pl.LightningDataModule) -> tupl
         if not path.is_file():
             log.warning("No teacher checkpoint at %s: training the %s teacher first (same data and "
                         "trainer settings), then distilling.", path, model_label(cfg.teacher))
+            teacher_dir = output_dir(cfg) / "teacher"
             teacher_cfg = cfg.copy()
             with open_dict(teacher_cfg):
-                teacher_cfg.ckpt_path = None
-            train_teacher(teacher_cfg, datamodule, path, output_dir(cfg) / "teacher")
+                teacher_cfg.ckpt_path = last_checkpoint(teacher_dir, trusted, bool(cfg.get("resume_fallback", False)),
+                                                        "teacher's last.ckpt")
+            if teacher_cfg.ckpt_path:
+                log.info("Resuming the teacher from its own last checkpoint %s", teacher_cfg.ckpt_path)
+            train_teacher(teacher_cfg, datamodule, path, teacher_dir)
         else:
             announce_teacher(path)
     teacher = load_network(path, lambda: network(cfg, "teacher", weights_from_checkpoint=True),
-                           cfg.teacher.name, int(cfg.data.num_classes), expected)
+                           cfg.teacher.name, int(cfg.data.num_classes), expected, trusted=trusted)
     return teacher, path
 
 
@@ -341,7 +348,7 @@ def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
     module = DistillModule(
         student, teacher, weights=weights, explain=settings, hparams=hparams,
         task=task_of(datamodule, int(cfg.data.num_classes)),
-        skip_nonfinite=cfg.trainer.get("skip_nonfinite", False), **optimization(cfg),
+        **nonfinite_options(cfg), **optimization(cfg),
     )
     run_dir = output_dir(cfg)
     panel = ExplanationPanel(**cfg.explanation_panel, out_dir=run_dir / "explanations")
@@ -373,10 +380,14 @@ def quiet_lightning() -> None:
 def run(cfg: DictConfig) -> dict:
     """Run the configured stage; write ``metrics.json`` in the output directory and return it."""
     quiet_lightning()
+    check_config(cfg, "train")
     if cfg.get("resume"):
-        cfg = resume_config(cfg)
+        cfg, finished = resume_config(cfg, hydra_overrides())
+        if finished is not None:
+            return finished
     if cfg.stage not in STAGES:
         raise ConfigError(f"stage '{cfg.stage}' is unknown; choose one of {STAGES}")
+    check_model_options(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data, "the data (data=...)")
     check_data(datamodule)
@@ -402,5 +413,8 @@ def main(cfg: DictConfig) -> float | None:
             result = run(cfg)
     except DistillError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:  # a folder that cannot be created or written, a full disk
+        print(f"error: {os_error_message(err)}", file=sys.stderr)
         sys.exit(2)
     return result["metrics"].get("test/acc")

@@ -132,7 +132,7 @@ def test_summarize_the_multirun(trained):
 @pytest.mark.parametrize(
     ("script", "args", "message"),
     [
-        ("evaluate.py", [], "no checkpoint given"),
+        ("evaluate.py", [], "checkpoint is required"),
         ("evaluate.py", ["checkpoint=missing.ckpt"], "does not exist"),
         ("visualize.py", ["checkpoint=missing.ckpt"], "does not exist"),
         ("summarize.py", ["no_such_dir"], "does not exist"),

@@ -54,15 +54,16 @@ def _model_options(hparams: dict) -> dict:
     return model_options(node, weights_from_checkpoint=True)
 
 
-def load_model(path: str | Path, what: str = "checkpoint") -> LoadedModel:
-    """Rebuild the ``model.*`` network of a distill checkpoint (any stage), in eval mode."""
+def load_model(path: str | Path, what: str = "checkpoint", trusted: bool = False) -> LoadedModel:
+    """Rebuild the ``model.*`` network of a distill checkpoint (any stage), in eval mode; the file
+    is read with the safe loader unless ``trusted`` (``trust_checkpoints=true``)."""
     import torch
 
     from distill.checkpoints import read_checkpoint
     from distill.models import build_model, inspect_network, require_network
 
     path = Path(path)
-    checkpoint = read_checkpoint(path, what)
+    checkpoint = read_checkpoint(path, what, trusted)
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     if "model_name" not in hparams or "num_classes" not in hparams:
         raise CheckpointError(f"{what} '{path}' records no model_name / num_classes in its hyper_parameters: "
@@ -168,6 +169,8 @@ def check_paths(cfg: DictConfig) -> None:
         raise ConfigError("no checkpoint given: add checkpoint=PATH (a .ckpt written by train.py)")
     for key, what in (("checkpoint", "checkpoint"), ("teacher_checkpoint", "teacher checkpoint")):
         path = cfg.get(key)
+        if path and Path(path).is_dir():
+            raise CheckpointError(f"{what} '{path}' is a directory, not a checkpoint file: point to a .ckpt file")
         if path and not Path(path).is_file():
             raise CheckpointError(f"{what} '{path}' does not exist: check the path")
 
@@ -175,9 +178,10 @@ def check_paths(cfg: DictConfig) -> None:
 def open_session(cfg: DictConfig) -> Session:
     check_paths(cfg)
     device = resolve_device(cfg.get("device", "auto"))
-    student = load_model(cfg.checkpoint, "checkpoint")
+    trusted = bool(cfg.get("trust_checkpoints", False))
+    student = load_model(cfg.checkpoint, "checkpoint", trusted)
     path = teacher_path(cfg.get("teacher_checkpoint"), student.hparams)
-    teacher = load_model(path, "teacher checkpoint") if path is not None else None
+    teacher = load_model(path, "teacher checkpoint", trusted) if path is not None else None
     if teacher is not None and teacher.num_classes != student.num_classes:
         raise ConfigError(f"the teacher has {teacher.num_classes} classes but the checkpoint's model has "
                           f"{student.num_classes}: pass a teacher_checkpoint trained on the same data")
@@ -363,9 +367,11 @@ def run_script(function, cfg: DictConfig):
     """Run ``function(cfg)``; a ``DistillError`` becomes one line on stderr and exit status 2."""
     import sys
 
+    from distill.config_schema import check_config
     from distill.errors import DistillError
 
     try:
+        check_config(cfg, function.__name__)
         check_paths(cfg)
         return function(cfg)
     except DistillError as err:
