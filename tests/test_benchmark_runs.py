@@ -69,3 +69,23 @@ def test_imagenet_kd_preset_runs_on_an_imagenet_layout_folder(tmp_path):
     result = one_metrics(tmp_path / "logs" / "imagenet_kd" / "runs")
     assert result["config"]["kd"]["name"] == "dkd_imagenet" and "test/acc" in result["metrics"]
     assert math.isfinite(result["metrics"]["train/dkd"])
+
+
+def test_submitit_local_multirun_writes_each_jobs_metrics(tmp_path):
+    """``-m hydra/launcher=submitit_local``: the submitit plugin (the one that submits to SLURM
+    with ``submitit_slurm``) runs 2 jobs as local processes; each writes its own metrics.json."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e .[cluster]")
+    sweep = tmp_path / "sweep"
+    proc = run_train(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
+                      "hydra.launcher.cpus_per_task=1", f"hydra.sweep.dir={sweep}", "experiment=smoke",
+                      "stage=baseline", "seed=0,1", "logger=csv", "trainer.max_epochs=1",
+                      "trainer.limit_train_batches=2", "trainer.num_sanity_val_steps=0",
+                      "trainer.enable_progress_bar=false"], tmp_path)
+    assert_ok(proc)
+    jobs = sorted(p for p in sweep.iterdir() if p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    assert list((sweep / ".submitit").glob("*/*_submitted.pkl"))  # went through submitit, not the basic launcher
+    for job, seed in zip(jobs, (0, 1), strict=True):
+        result = json.loads((job / "metrics.json").read_text())
+        assert result["stage"] == "baseline" and result["config"]["seed"] == seed
+        assert 0.0 <= result["metrics"]["test/acc"] <= 1.0
