@@ -21,7 +21,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from distill.errors import ConfigError, DistillError
 from distill.explain import METHODS, explain_network
 from distill.explain.maps import check_map_precision
-from distill.losses import INTERPRET_LOSSES, attention_transfer, interpret_loss, map_cosine
+from distill.losses import INTERPRET_LOSSES, attention_transfer, decoupled_kd, dkd_warmup, interpret_loss, map_cosine
 from distill.models.contract import known_spec, network_spec, require_network
 from distill.optim import SchedulerFactory, build_scheduler
 from distill.tasks import MulticlassTask
@@ -44,9 +44,12 @@ class LossWeights:
     temperature: float = 4.0
     at: float = 0.0  # beta of attention transfer (AT paper: 1000); the loss is beta/2 * AT
     explain: float = 0.0
+    dkd_alpha: float = 0.0  # DKD: T^2 (alpha TCKD + beta NCKD), on when alpha or beta > 0
+    dkd_beta: float = 0.0
+    dkd_warmup: int = 0  # epochs of linear warm-up of the DKD term (0: none)
 
     def __post_init__(self) -> None:
-        for name in ("ce", "kd", "at", "explain"):
+        for name in ("ce", "kd", "at", "explain", "dkd_alpha", "dkd_beta", "dkd_warmup"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"loss weight '{name}' is {getattr(self, name)}; weights must be >= 0")
         if self.temperature <= 0:
@@ -214,6 +217,8 @@ class DistillModule(ClassifierModule):
                 f"teacher has {teacher.num_classes} classes but the student has "
                 f"{student.num_classes}: train both for the same data"
             )
+        if weights.dkd_alpha + weights.dkd_beta > 0 and self.task.name != "multiclass":
+            raise ConfigError(f"kd=dkd needs one label per image; the {self.task.name} task has none: use kd=hinton")
         for role, model in (("teacher", teacher), ("student", student)):
             require_network(model, role, type(model).__name__, stages=weights.at > 0)
         self.teacher = teacher.eval().requires_grad_(False)
@@ -301,6 +306,9 @@ class DistillModule(ClassifierModule):
         terms = {"ce": self.task.loss(s_logits, y)}
         if self.weights.kd > 0:
             terms["kd"] = self.task.kd(s_logits, t_logits.detach(), self.weights.temperature)
+        if self.weights.dkd_alpha + self.weights.dkd_beta > 0:
+            terms["dkd"] = decoupled_kd(s_logits, t_logits.detach(), y, self.weights.dkd_alpha,
+                                        self.weights.dkd_beta, self.weights.temperature)
         if self.weights.at > 0:
             terms["at"] = attention_transfer(s_groups, t_groups)
         if method is not None:
@@ -312,7 +320,8 @@ class DistillModule(ClassifierModule):
 
     def total_loss(self, terms: dict[str, Tensor]) -> Tensor:
         w = self.weights
-        scale = {"ce": w.ce, "kd": w.kd, "at": w.at / 2, "interpret": w.explain}
+        scale = {"ce": w.ce, "kd": w.kd, "at": w.at / 2, "interpret": w.explain,
+                 "dkd": dkd_warmup(self.current_epoch + 1, w.dkd_warmup)}
         return sum(scale[name] * value for name, value in terms.items())
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:

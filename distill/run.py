@@ -340,7 +340,8 @@ def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
         if cfg[role].get("compile"):  # stays eager, so the maps' double backward never enters compiled code
             model.forward_features = torch.compile(model.forward_features)
     weights = LossWeights(ce=cfg.kd.ce_weight, kd=cfg.kd.kd_weight, temperature=cfg.kd.temperature,
-                          at=cfg.kd.at_weight, explain=cfg.explain.weight)
+                          at=cfg.kd.at_weight, explain=cfg.explain.weight, dkd_alpha=cfg.kd.get("dkd_alpha", 0.0),
+                          dkd_beta=cfg.kd.get("dkd_beta", 0.0), dkd_warmup=cfg.kd.get("dkd_warmup", 0))
     settings = ExplainSettings(method=cfg.explain.method, loss=cfg.explain.loss, target=cfg.explain.target,
                                eval_method=cfg.explain.eval_method, closed_form=cfg.explain.closed_form)
     hparams = model_hparams(cfg, "student", "distill", datamodule)
@@ -391,6 +392,9 @@ def run(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data, "the data (data=...)")
     check_data(datamodule)
+    if cfg.data.get("num_classes") is None:  # image folders count their class folders
+        with open_dict(cfg):
+            cfg.data.num_classes = int(datamodule.num_classes)
     run_dir = output_dir(cfg)
     if cfg.stage == "teacher":
         target = Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else default_teacher_checkpoint(cfg, datamodule)

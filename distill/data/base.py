@@ -97,7 +97,7 @@ class BaseDataModule(pl.LightningDataModule):
         self,
         *,
         name: str,
-        num_classes: int,
+        num_classes: int | None,
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
@@ -110,7 +110,8 @@ class BaseDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         self.name = str(name)
-        self.num_classes = _check_int(num_classes, "num_classes", 2)
+        # None: the subclass infers it (image folders count their class folders)
+        self.num_classes = None if num_classes is None else _check_int(num_classes, "num_classes", 2)
         self.batch_size = _check_int(batch_size, "batch_size", 1)
         self.eval_batch_size = (
             self.batch_size

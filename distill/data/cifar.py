@@ -1,4 +1,4 @@
-"""CIFAR-10 on ``torchvision.datasets.CIFAR10`` (the python-pickle batches)."""
+"""CIFAR-10 and CIFAR-100 on ``torchvision.datasets.CIFAR10`` / ``CIFAR100`` (the python-pickle batches)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.datasets import CIFAR10
+from torchvision.datasets import CIFAR10, CIFAR100
 
 from distill.data.base import BaseDataModule
 from distill.data.on_device import hwc_to_chw
 from distill.data.transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
     cifar_train_transform,
     eval_transform,
 )
@@ -32,6 +34,17 @@ CIFAR10_CLASSES = [
     "truck",
 ]
 
+# The fine labels, in the order of CIFAR-100's meta file (alphabetical).
+CIFAR100_CLASSES = """
+apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can
+castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin
+elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster
+man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck
+pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk
+skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger
+tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm
+""".split()
+
 # torchvision's downloader calls urlopen without a timeout; behind a firewall that drops
 # packets that would block for minutes. Each socket operation gets this many seconds.
 DOWNLOAD_TIMEOUT_S = 30.0
@@ -46,57 +59,66 @@ class CIFAR10DataModule(BaseDataModule):
     and how to fix it.
     """
 
+    dataset_class: type[CIFAR10] = CIFAR10
+    title = "CIFAR-10"
+    classes: list[str] = CIFAR10_CLASSES
+    stats = (CIFAR10_MEAN, CIFAR10_STD)
+
     def __init__(
         self,
         root: str | Path = "data/cifar10",
         download: bool = True,
         *,
         name: str = "cifar10",
-        num_classes: int = 10,
+        num_classes: int | None = None,
         **common: Any,
     ):
-        if num_classes != 10:
+        n = len(self.classes)
+        if num_classes is None:
+            num_classes = n
+        if num_classes != n:
             raise ConfigError(
-                f"CIFAR-10 has 10 classes but data.num_classes={num_classes!r}; "
-                f"set data.num_classes=10"
+                f"{self.title} has {n} classes but data.num_classes={num_classes!r}; "
+                f"set data.num_classes={n}"
             )
         super().__init__(name=name, num_classes=num_classes, **common)
         self.root = Path(root).expanduser().resolve()
         self.download = bool(download)
         self.image_size: tuple[int, int] = (32, 32)
-        self.mean = CIFAR10_MEAN
-        self.std = CIFAR10_STD
-        self.class_names = list(CIFAR10_CLASSES)
+        self.mean, self.std = self.stats
+        self.class_names = list(self.classes)
 
     # -- errors --------------------------------------------------------------------------
     def _error(self, problem: str) -> DataError:
+        ds = self.dataset_class
+        files = ", ".join(name for name, _ in ds.train_list + ds.test_list) + ", " + ds.meta["filename"]
         return DataError(
-            f"CIFAR-10: {problem}. Looked in {self.root} (expected "
-            f"{self.root / CIFAR10.base_folder}/ with data_batch_1..5, test_batch, "
-            f"batches.meta). Fix: download CIFAR-10 on a machine with internet into "
-            f"{self.root} (torchvision creates {CIFAR10.base_folder}/ there; "
-            f"data.download=true does it), or set data.root=DIR to the folder that contains "
-            f"{CIFAR10.base_folder}/, or use an image-folder copy with "
+            f"{self.title}: {problem}. Looked in {self.root} (expected "
+            f"{self.root / ds.base_folder}/ with {files}). Fix: download {self.title} on a "
+            f"machine with internet into {self.root} (torchvision creates {ds.base_folder}/ "
+            f"there; data.download=true does it), or set data.root=DIR to the folder that "
+            f"contains {ds.base_folder}/, or use an image-folder copy with "
             f"data=image_folder data.root=DIR"
         )
 
     def _missing_problem(self) -> str:
-        folder = self.root / CIFAR10.base_folder
+        folder = self.root / self.dataset_class.base_folder
         if folder.is_dir():
             return (
                 f"{folder} exists but its files are missing or corrupt (md5 check failed; "
                 f"delete that folder and download again)"
             )
-        if (self.root / CIFAR10.filename).is_file():
+        archive = self.root / self.dataset_class.filename
+        if archive.is_file():
             return (
-                f"the dataset is not extracted ({self.root / CIFAR10.filename} exists: "
+                f"the dataset is not extracted ({archive} exists: "
                 f"data.download=true extracts it without downloading if its md5 is right)"
             )
         return "the dataset was not found"
 
     def _load(self, train: bool) -> CIFAR10:
         try:
-            return CIFAR10(str(self.root), train=train, download=False)
+            return self.dataset_class(str(self.root), train=train, download=False)
         except (RuntimeError, OSError, EOFError, ValueError) as e:
             # torchvision: "Dataset not found or corrupted" / "metadata file ... corrupted";
             # pickle/IO errors for truncated files that happened to pass no md5 check.
@@ -108,15 +130,16 @@ class CIFAR10DataModule(BaseDataModule):
     def _load_both(self) -> tuple[CIFAR10, CIFAR10]:
         train_full = self._load(train=True)
         test_raw = self._load(train=False)
-        if list(train_full.classes) != CIFAR10_CLASSES:
+        if list(train_full.classes) != self.classes:
             raise self._error(
-                f"batches.meta lists classes {train_full.classes}, not CIFAR-10's {CIFAR10_CLASSES}"
+                f"{self.dataset_class.meta['filename']} lists classes {train_full.classes}, "
+                f"not {self.title}'s {self.classes}"
             )
         return train_full, test_raw
 
     # -- Lightning hooks -----------------------------------------------------------------
     def prepare_data(self) -> None:
-        probe = CIFAR10.__new__(CIFAR10)  # integrity check without loading the arrays
+        probe = self.dataset_class.__new__(self.dataset_class)  # integrity check without loading the arrays
         probe.root = str(self.root)
         if probe._check_integrity():
             return
@@ -153,3 +176,18 @@ class CIFAR10DataModule(BaseDataModule):
         train, test = self._load_both()
         return (hwc_to_chw(train.data), torch.as_tensor(train.targets), hwc_to_chw(test.data),
                 torch.as_tensor(test.targets))
+
+
+class CIFAR100DataModule(CIFAR10DataModule):
+    """CIFAR-100 (50,000 train / 10,000 test, 32x32 RGB, 100 fine-label classes): the same
+    augmentation as CIFAR-10 with CIFAR-100's own mean/std. ``root`` holds (or will hold)
+    ``cifar-100-python/``."""
+
+    dataset_class = CIFAR100
+    title = "CIFAR-100"
+    classes = CIFAR100_CLASSES
+    stats = (CIFAR100_MEAN, CIFAR100_STD)
+
+    def __init__(self, root: str | Path = "data/cifar100", download: bool = True, *, name: str = "cifar100",
+                 **kwargs: Any):
+        super().__init__(root, download, name=name, **kwargs)

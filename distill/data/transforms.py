@@ -18,6 +18,11 @@ from torchvision.transforms import v2
 
 CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+# CIFAR-100's training-set statistics, as RepDistiller and mdistiller normalise.
+CIFAR100_MEAN: tuple[float, float, float] = (0.5071, 0.4867, 0.4408)
+CIFAR100_STD: tuple[float, float, float] = (0.2675, 0.2565, 0.2761)
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 def to_size(size: int | Sequence[int]) -> tuple[int, int]:
@@ -82,6 +87,42 @@ def eval_transform(
         [
             v2.ToImage(),
             v2.Resize((h, w), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
+def imagenet_train_transform(
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    size: int | Sequence[int] = 224,
+) -> v2.Compose:
+    """The ImageNet training augmentation (torchvision's reference recipe): random-resized crop
+    to ``size`` (scale 0.08-1, aspect 3/4-4/3) + horizontal flip + normalise."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(to_size(size), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
+def imagenet_eval_transform(
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    size: int | Sequence[int] = 224,
+    resize: int = 256,
+) -> v2.Compose:
+    """Resize the shorter side to ``resize`` (256) + center crop ``size`` (224) + normalise."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(int(resize), antialias=True),
+            v2.CenterCrop(to_size(size)),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(list(mean), list(std)),
         ]

@@ -1,6 +1,7 @@
-"""Distillation losses: Hinton KD, attention transfer, and the interpretability loss."""
+"""Distillation losses: Hinton KD, decoupled KD, attention transfer, and the interpretability loss."""
 
 from distill.losses.attention import attention_map, attention_transfer
+from distill.losses.dkd import decoupled_kd, dkd_parts, dkd_warmup
 from distill.losses.interpret import INTERPRET_LOSSES, interpret_loss, map_cosine, match_size
 from distill.losses.kd import hinton_kd
 from distill.losses.multilabel import masked_bce, multilabel_kd
@@ -9,6 +10,9 @@ __all__ = [
     "INTERPRET_LOSSES",
     "attention_map",
     "attention_transfer",
+    "decoupled_kd",
+    "dkd_parts",
+    "dkd_warmup",
     "hinton_kd",
     "interpret_loss",
     "map_cosine",
