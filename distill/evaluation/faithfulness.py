@@ -56,6 +56,9 @@ CONVENTIONS = {
     "agreement_pct": "100 * mean(1[argmax student == argmax teacher])",
     "map_cosine": "mean cosine of teacher and student Grad-CAM++ maps for the same class "
                   "(similarity_target), student map resized to the teacher's; all-zero map -> 0",
+    "pointing_game_pct": "100 * mean over cells of n x n grids of distinct classes (images the teacher, else the "
+                         "model, classifies correctly) of positive map mass in the explained class's cell / "
+                         "positive mass over the grid (Böhle et al., CVPR 2021); all-zero map -> 0",
 }
 
 

@@ -28,7 +28,8 @@ from distill.errors import DataError
 
 log = logging.getLogger("distill")
 
-METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++"}
+METHOD_NAMES = {"cam": "CAM", "gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "hirescam": "HiResCAM",
+                "xgradcam": "XGrad-CAM", "layercam": "LayerCAM"}
 
 
 # --------------------------------------------------------------------------- generic writers
@@ -105,6 +106,20 @@ def evaluation_markdown(result: dict) -> str:
         ]
     else:
         lines += ["No teacher: pass `teacher_checkpoint=PATH` for agreement and map similarity.", ""]
+    game = result.get("pointing_game")
+    if game:
+        n = game["grid"]
+        who = [("student" if teacher else "model", "")] + ([("teacher", "teacher/")] if teacher else [])
+        lines += [
+            f"Grid pointing game, {n}x{n} grids ({game['num_grids']} grids of distinct classes, each image "
+            f"classified correctly by the {'teacher' if teacher else 'model'}; share of the positive map mass "
+            f"inside the explained class's cell, %, chance {100 / n ** 2:.1f}):",
+            "",
+            markdown_table(["method", *[w for w, _ in who]],
+                           [[METHOD_NAMES.get(mth, mth),
+                             *[_fmt(m.get(f"{pre}pointing_game_{n}x{n}/{mth}_pct")) for _, pre in who]]
+                            for mth in game["methods"]]),
+        ]
     lines += ["Conventions:", ""]
     lines += [f"- `{k}`: {v}" for k, v in sorted(result.get("conventions", {}).items())]
     return "\n".join(lines) + "\n"

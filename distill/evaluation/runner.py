@@ -260,10 +260,51 @@ def _run_name(prefix: str, loaded: LoadedModel) -> str:
 
 
 # --------------------------------------------------------------------------- the two runs
+def _pointing_settings(cfg: DictConfig) -> dict | None:
+    """The checked ``pointing_game`` settings, or ``None`` when it is off (``grid: null``)."""
+    from distill.explain import METHODS
+
+    node = cfg.get("pointing_game") or {}
+    if node.get("grid") in (None, 0, False):
+        return None
+    game = {"grid": node.get("grid"), "num_grids": node.get("num_grids", 500),
+            "grids_per_batch": node.get("grids_per_batch", 16),
+            "methods": list(node.get("methods") or ("gradcam", "gradcampp"))}
+    for key in ("grid", "num_grids", "grids_per_batch"):
+        if not isinstance(game[key], int) or isinstance(game[key], bool) or game[key] < 1:
+            raise ConfigError(f"pointing_game.{key} must be an integer >= 1, got {game[key]!r}")
+    if game["grid"] < 2:
+        raise ConfigError(f"pointing_game.grid must be 2, 3, ... (an n x n grid) or null, got {game['grid']}")
+    unknown = [m for m in game["methods"] if m not in METHODS or m == "cam"]
+    if unknown:
+        raise ConfigError(f"pointing_game.methods {unknown} are unknown; choose among "
+                          f"{[m for m in METHODS if m != 'cam']}")
+    return game
+
+
+def _pointing_game(session: Session, dataset, labels, correct, game: dict, seed: int) -> dict[str, float]:
+    """The grid pointing game of the student (and its teacher) on grids of images that the
+    teacher (else the model) classifies correctly: the same grids for both."""
+    from distill.evaluation.pointing import pointing_game
+
+    models = {"": session.student.model}
+    if session.teacher is not None:
+        models["teacher/"] = session.teacher.model
+    n = game["grid"]
+    try:
+        return pointing_game(models, dataset, labels, correct, n, game["num_grids"], game["methods"], seed,
+                             game["grids_per_batch"], session.device)
+    except ValueError as err:
+        raise ConfigError(f"pointing game: {err}") from None
+
+
 def evaluate(cfg: DictConfig) -> dict:
-    """Accuracy, Average Drop / Increase in Confidence (Grad-CAM, Grad-CAM++), Win %, and with a
-    teacher top-1 agreement and map similarity, over the test set; writes
+    """Accuracy, Average Drop / Increase in Confidence (Grad-CAM, Grad-CAM++), Win %, with a
+    teacher top-1 agreement and map similarity, over the test set, and with ``pointing_game.grid``
+    the grid pointing game of every ``pointing_game.methods`` (teacher's grids); writes
     ``<output_dir>/evaluation.json`` and ``evaluation.md`` and returns the JSON payload."""
+    import torch
+
     from distill.evaluation.faithfulness import CONVENTIONS, SIMILARITY_TARGETS, ScoreAccumulator, evaluate_batch
     from distill.evaluation.report import evaluation_markdown, write_json, write_text
 
@@ -274,26 +315,39 @@ def evaluate(cfg: DictConfig) -> dict:
     if limit is not None and int(limit) < 1:
         raise ConfigError(f"limit_batches must be >= 1 or null, got {limit}")
     split = cfg.get("split", "test")
+    game = _pointing_settings(cfg)
     session = open_session(cfg)
+    if game is not None and game["grid"] ** 2 > session.student.num_classes:
+        raise ConfigError(f"pointing_game.grid={game['grid']} needs {game['grid'] ** 2} distinct classes per grid, "
+                          f"but the data has {session.student.num_classes}: use a smaller grid")
     mean, std = data_stats(session.datamodule)
     teacher = session.teacher.model if session.teacher is not None else None
     scores = ScoreAccumulator().to(session.device)
     non_blocking = session.device.type == "cuda"
     loader = _loader(session, split, None if limit is None else int(limit), int(cfg.get("seed", 0)))
+    all_labels, correct = [], []  # for the pointing game's grids: the judged images' labels
     for batch in loader:
         images = batch[0].to(session.device, non_blocking=non_blocking)
         labels = batch[1].to(session.device, non_blocking=non_blocking)
-        scores.update(evaluate_batch(session.student.model, images, labels, mean, std, teacher=teacher,
-                                     similarity_target=similarity,
-                                     explain_teacher=bool(cfg.get("explain_teacher", True))))
+        batch_scores = evaluate_batch(session.student.model, images, labels, mean, std, teacher=teacher,
+                                      similarity_target=similarity,
+                                      explain_teacher=bool(cfg.get("explain_teacher", True)))
+        scores.update(batch_scores)
+        if game is not None:
+            all_labels.append(labels)
+            correct.append(batch_scores["teacher/accuracy" if teacher is not None else "accuracy"] > 0)
     metrics = scores.compute()
     if not metrics["num_images"]:
         raise ConfigError(f"the {split} split has no images to evaluate")
+    if game is not None:
+        metrics.update(_pointing_game(session, loader.dataset, torch.cat(all_labels), torch.cat(correct), game,
+                                      int(cfg.get("seed", 0))))
     metrics["error_pct"] = 100.0 - metrics["accuracy_pct"]
     if "teacher/accuracy_pct" in metrics:
         metrics["teacher/error_pct"] = 100.0 - metrics["teacher/accuracy_pct"]
     out = Path(cfg.output_dir)
     result = {
+        "pointing_game": game,
         "checkpoint": str(session.student.path),
         "model": _describe(session.student),
         "teacher": _describe(session.teacher),
