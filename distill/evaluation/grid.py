@@ -142,7 +142,7 @@ def multilabel_cells(
     width = max(int((labels == 1).sum(dim=1).max()), 1)
     target = positive_targets(labels, width)  # (B, T)
     pixels = images if mean is None else denormalize(images, mean, std)
-    roles = ([("teacher", teacher)] if teacher is not None else []) + [("student" if teacher is not None else "", model)]
+    roles = [("teacher", teacher), ("student", model)] if teacher is not None else [("", model)]
     columns = []
     for who, net in roles:
         features, logits = forward_explainable(net, images)
