@@ -56,7 +56,7 @@ class ExplanationPanel(pl.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if self.images is None and batch_idx == 0:
-            x, y = batch
+            x, y = batch[0], batch[1]  # VOC evaluation batches also carry boxes
             self.images, self.labels = x[: self.num_images].detach().cpu(), y[: self.num_images].detach().cpu()
 
     def _due(self, trainer: pl.Trainer) -> bool:
@@ -79,11 +79,14 @@ class ExplanationPanel(pl.Callback):
 
     @torch.no_grad()
     def render(self, pl_module: pl.LightningModule, datamodule) -> np.ndarray:
-        """``(N*H, 3*W, 3)`` uint8: rows of image | teacher overlay | student overlay."""
+        """``(N*H, 3*W, 3)`` uint8: rows of image | teacher overlay | student overlay. Multi-hot
+        labels ``(N, C)`` (VOC): a titled grid, one column per positive class and model."""
         from distill.explain.visual import denormalize, overlay
 
         x = self.images.to(pl_module.device)
         y = self.labels.to(pl_module.device)
+        if y.dim() == 2:
+            return self._render_multilabel(pl_module, datamodule, x, y)
         columns = [denormalize(x, datamodule.mean, datamodule.std).clamp(0, 1)]
         rgb = [(img.permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8) for img in columns[0]]
         rows = []
@@ -98,3 +101,19 @@ class ExplanationPanel(pl.Callback):
         maps = network_maps(model, x, y, self.method)
         model.train(was_training)
         return maps
+
+    def _render_multilabel(self, pl_module: pl.LightningModule, datamodule, x: torch.Tensor,
+                           y: torch.Tensor) -> np.ndarray:
+        from distill.evaluation.grid import figure_array, grid_figure, multilabel_cells
+
+        models = (pl_module.teacher, pl_module.model)
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()
+        try:
+            rows = multilabel_cells(pl_module.model, x, y, datamodule.mean, datamodule.std, teacher=pl_module.teacher,
+                                    class_names=getattr(datamodule, "class_names", None), method=self.method)
+        finally:
+            for m, mode in zip(models, modes, strict=True):
+                m.train(mode)
+        return figure_array(grid_figure(rows, cell_px=max(96, x.shape[-1]), dpi=100))

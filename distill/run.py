@@ -352,9 +352,8 @@ def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
         **nonfinite_options(cfg), **optimization(cfg),
     )
     run_dir = output_dir(cfg)
-    panel = ExplanationPanel(**cfg.explanation_panel, out_dir=run_dir / "explanations")
-    panels = [panel] if module.task.name == "multiclass" else []  # the panel explains one class per image
-    result = fit_and_test(cfg, module, datamodule, "distill", run_dir, panels)
+    panel = ExplanationPanel(**cfg.explanation_panel, out_dir=run_dir / "explanations")  # multi-label: per positive
+    result = fit_and_test(cfg, module, datamodule, "distill", run_dir, [panel])
     return {**result, "teacher_checkpoint": str(teacher_path) if teacher_path else None}
 
 

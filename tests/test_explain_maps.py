@@ -19,7 +19,7 @@ from distill.models import build_model
 
 DT = torch.float64
 TOL = 1e-10
-METHODS_AUTOGRAD = ("gradcam", "gradcampp")
+METHODS_AUTOGRAD = ("gradcam", "gradcampp", "hirescam", "xgradcam", "layercam")
 
 
 # --------------------------------------------------------------------------- test networks
@@ -106,12 +106,28 @@ def reference_map(A, g, method, net=None, c=None):
     """One map from activations ``A`` (K, h, w) and gradients ``g`` (K, h, w)."""
     K, h, w = A.shape
     Z = h * w
+    if method in ("hirescam", "layercam"):
+        # HiResCAM (Draelos & Carin 2020, Eq. 4): ReLU(sum_k g_kij A_kij); LayerCAM (Jiang et al.
+        # 2021, Eqs. 5-6): ReLU(sum_k ReLU(g_kij) A_kij).
+        L = torch.zeros(h, w, dtype=DT)
+        for i in range(h):
+            for j in range(w):
+                terms = [float(g[k, i, j]) for k in range(K)]
+                if method == "layercam":
+                    terms = [max(t, 0.0) for t in terms]
+                L[i, j] = max(0.0, sum(terms[k] * float(A[k, i, j]) for k in range(K)))
+        return L
     weights = []
     for k in range(K):
         if method == "cam":
             weights.append(float(net.cam_linear.weight[c, k].detach()))
         elif method == "gradcam":
             weights.append(sum(float(g[k, i, j]) for i in range(h) for j in range(w)) / Z)
+        elif method == "xgradcam":
+            # XGrad-CAM (Fu et al. 2020, Eq. 8): w_k = sum_ij A_kij / (sum_ab A_kab) * g_kij.
+            s = sum(float(A[k, i, j]) for i in range(h) for j in range(w))
+            weights.append(0.0 if s == 0 else sum(
+                float(A[k, i, j]) / s * float(g[k, i, j]) for i in range(h) for j in range(w)))
         else:
             s = sum(float(A[k, i, j]) for i in range(h) for j in range(w))
             wk = 0.0
@@ -137,7 +153,7 @@ def batched(net, x, target, method, create_graph=False, closed=False):
 
 
 # --------------------------------------------------------------------------- vs reference
-@pytest.mark.parametrize("method", ["cam", "gradcam", "gradcampp"])
+@pytest.mark.parametrize("method", ["cam", *METHODS_AUTOGRAD])
 def test_gap_net_matches_reference(method):
     net, x = make(GapNet), images()
     ref = reference_maps(net, x, method)
@@ -187,6 +203,77 @@ def test_gradcam_matches_captum():
     assert theirs.shape == (4, 1, 4, 4)
     torch.testing.assert_close(ours, theirs[:, 0].detach(), atol=TOL, rtol=0)
     assert ours.sum() > 0
+
+
+# --------------------------------------------------------------------------- HiResCAM, XGrad-CAM, LayerCAM
+def test_new_methods_coincide_with_gradcam_only_at_a_gap_head():
+    """g_kij = W[c, k] / Z at a GAP + linear head: HiResCAM = XGrad-CAM = Grad-CAM there, and
+    LayerCAM = ReLU(sum_k ReLU(W[c, k] / Z) A_k). Not so with a hidden-FC head."""
+    gap, fc, x = make(GapNet), make(FcNet), images()
+    target = torch.tensor([0, 3, 4])
+    gap_maps = {m: batched(gap, x, target, m) for m in METHODS_AUTOGRAD}  # autograd path
+    for m in ("hirescam", "xgradcam"):
+        torch.testing.assert_close(gap_maps[m], gap_maps["gradcam"], atol=TOL, rtol=0)
+    a = gap.forward_features(x).detach()
+    W = gap.fc.weight.detach()
+    Z = a.shape[-2] * a.shape[-1]
+    layer = F.relu(torch.einsum("bk,bkhw->bhw", F.relu(W[target] / Z), a))
+    torch.testing.assert_close(gap_maps["layercam"], layer, atol=TOL, rtol=0)
+    assert (W[target] < 0).any() and not torch.allclose(gap_maps["layercam"], gap_maps["gradcam"], atol=1e-6)
+    fc_maps = {m: batched(fc, x, target, m) for m in METHODS_AUTOGRAD}
+    for m in ("hirescam", "xgradcam", "layercam"):
+        assert not torch.allclose(normalized(fc_maps[m]), normalized(fc_maps["gradcam"]), atol=1e-3), m
+
+
+def test_xgradcam_weight_is_zero_for_a_channel_summing_to_zero():
+    # A channel of +-1 entries summing to 0 (a layer before a ReLU): no division by zero, weight 0.
+    torch.manual_seed(9)
+    a = torch.rand(1, 2, 2, 2, dtype=DT)
+    a[0, 1] = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=DT)
+    a.requires_grad_(True)
+    W = torch.tensor([[1.0, 2.0]], dtype=DT)
+    logits = F.linear(F.relu(a).flatten(2).sum(-1), W)  # a gradient that varies over space
+    maps = explanation_maps(logits, a, torch.tensor([0]), "xgradcam", True)
+    grads = (a.detach() > 0).to(DT) * W[0][:, None, None]
+    w0 = float((a.detach()[0, 0] * grads[0, 0]).sum() / a.detach()[0, 0].sum())
+    torch.testing.assert_close(maps[0], F.relu(w0 * a.detach()[0, 0]), atol=TOL, rtol=0)
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(maps.sum(), a))
+
+
+def library_maps(method, net, x, target):
+    """pytorch-grad-cam's maps before its min-max scaling: its hooks record A and dS/dA, its
+    ``get_cam_image`` applies its formula, then ReLU as in its ``compute_cam_per_layer``."""
+    import numpy as np
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cls = {"gradcam": GradCAM, "gradcampp": GradCAMPlusPlus, "hirescam": HiResCAM,
+           "xgradcam": XGradCAM, "layercam": LayerCAM}[method]
+    targets = [ClassifierOutputTarget(int(c)) for c in target]
+    with cls(model=net, target_layers=[net.body]) as cam:
+        cam(input_tensor=x, targets=targets)
+        a = cam.activations_and_grads.activations[0].numpy()
+        g = cam.activations_and_grads.gradients[0].numpy()
+        image = cam.get_cam_image(x, net.body, targets, a, g, False)
+    return torch.from_numpy(np.maximum(image, 0))
+
+
+# pytorch-grad-cam 1.5.7 adds eps = 1e-7 to XGrad-CAM's sum_ab A_kab and eps = 1e-6 to
+# Grad-CAM++'s denominator 2 g^2 + S g^3; Grad-CAM, HiResCAM and LayerCAM have no epsilon.
+LIBRARY_RTOL = {"gradcam": 0.0, "hirescam": 0.0, "layercam": 0.0, "xgradcam": 1e-6, "gradcampp": 0.01}
+
+
+@pytest.mark.parametrize("method", METHODS_AUTOGRAD)
+def test_matches_pytorch_grad_cam(method):
+    net, x = make(FcNet), images(batch=4)
+    target = torch.tensor([0, 4, 2, 1])
+    ours = batched(net, x, target, method).detach()
+    theirs = library_maps(method, net, x, target)
+    assert theirs.shape == ours.shape and ours.sum() > 0
+    peak = ours.amax()
+    torch.testing.assert_close(theirs, ours, atol=1e-12 + LIBRARY_RTOL[method] * peak, rtol=0)
+    if method in ("xgradcam", "gradcampp"):  # the epsilon is visible, and only it
+        assert (theirs - ours).abs().max() > 1e-13 * peak
 
 
 # --------------------------------------------------------------------------- degenerate input
@@ -321,7 +408,7 @@ def _check_closed_form(net, x, target, linear=None):
     Z = a.shape[-2] * a.shape[-1]
     closed = {
         m: explanation_maps(net.forward_head(a), a, target, m, linear_weight=W)
-        for m in ("cam", "gradcam", "gradcampp")
+        for m in ("cam", *METHODS_AUTOGRAD)
     }
     auto = {m: explanation_maps(net.forward_head(a), a, target, m) for m in METHODS_AUTOGRAD}
     for m in METHODS_AUTOGRAD:
@@ -378,7 +465,7 @@ def test_closed_form_makes_no_autograd_call(monkeypatch):
         logits = net.forward_head(a)
     expected = {
         m: batched(net, x, torch.tensor([0, 1, 2]), m, closed=True)
-        for m in ("cam", "gradcam", "gradcampp")
+        for m in ("cam", *METHODS_AUTOGRAD)
     }
 
     def forbidden(*args, **kwargs):
@@ -409,7 +496,7 @@ def test_each_sample_alone_equals_batch(method, wrn):
         assert full.sum() > 0
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "cam"])
+@pytest.mark.parametrize("method", ["cam", *METHODS_AUTOGRAD])
 @pytest.mark.parametrize("create_graph", [False, True])
 def test_multilabel_targets_equal_separate_calls(method, create_graph):
     nets = (

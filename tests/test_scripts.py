@@ -45,7 +45,8 @@ def trained(tmp_path_factory) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
         common = ["experiment=smoke", "logger=none", "trainer.max_epochs=1", "trainer.num_sanity_val_steps=0"]
-        assert_ok(run_train([*common, "stage=teacher", f"teacher.checkpoint={teacher}"], tmp))
+        # 3 epochs: a teacher that classifies images of >= 4 classes correctly (2x2 pointing game).
+        assert_ok(run_train([*common, "stage=teacher", "trainer.max_epochs=3", f"teacher.checkpoint={teacher}"], tmp))
         assert_ok(run_train(["-m", *common, "seed=0,1", "explain=none,gradcampp", f"teacher.checkpoint={teacher}"],
                             tmp, timeout=600))
     (multirun,) = (tmp / "logs" / "smoke" / "multiruns").iterdir()
@@ -63,10 +64,13 @@ def job_with(multirun: Path, explain: str, seed: int) -> Path:
 def test_evaluate_a_distilled_student_with_its_recorded_teacher(trained, tmp_path):
     job = job_with(trained["multirun"], "gradcampp", 0)
     proc = run_script("evaluate.py", [f"checkpoint={job / 'checkpoints' / 'last.ckpt'}", "batch_size=32",
-                                      "logger=csv", *hydra_args(tmp_path)], tmp_path)
+                                      "logger=csv", "pointing_game.grid=2", "pointing_game.num_grids=6",
+                                      "pointing_game.methods=[gradcampp,layercam]", *hydra_args(tmp_path)], tmp_path)
     assert_ok(proc)
     result = json.loads((tmp_path / "evaluation.json").read_text())
     m = result["metrics"]
+    for key in (f"{p}pointing_game_2x2/{method}_pct" for p in ("", "teacher/") for method in ("gradcampp", "layercam")):
+        assert 0.0 <= m[key] <= 100.0, key
     assert result["teacher"]["checkpoint"] == str(trained["teacher"]) and m["num_images"] == 64
     for key in ("accuracy_pct", "error_pct", "agreement_pct", "teacher/accuracy_pct", "win_gradcampp_vs_gradcam_pct",
                 *(f"{p}{method}/{name}_pct" for p in ("", "teacher/") for method in ("gradcam", "gradcampp")
@@ -81,8 +85,10 @@ def test_evaluate_a_distilled_student_with_its_recorded_teacher(trained, tmp_pat
     assert m["map_cosine"] == pytest.approx(trained_metrics["test/map_cosine"], abs=1e-4)
     table = (tmp_path / "evaluation.md").read_text()
     assert "| student wrn16_1 |" in table and "| teacher wrn16_2 |" in table and "top-1 agreement %" in table
+    assert "Grid pointing game, 2x2 grids" in table and "| LayerCAM |" in table
     (csv_file,) = tmp_path.rglob("metrics.csv")
-    assert "eval/gradcampp/average_drop_pct" in csv_file.read_text().splitlines()[0]
+    header = csv_file.read_text().splitlines()[0]
+    assert "eval/gradcampp/average_drop_pct" in header and "eval/teacher/pointing_game_2x2/layercam_pct" in header
 
 
 def test_evaluate_a_teacher_checkpoint_without_teacher_in_process(trained, tmp_path):
@@ -134,12 +140,16 @@ def test_summarize_the_multirun(trained):
     [
         ("evaluate.py", [], "checkpoint is required"),
         ("evaluate.py", ["checkpoint=missing.ckpt"], "does not exist"),
+        ("evaluate.py", ["checkpoint=x.ckpt", "pointing_game.grid=1"], "pointing_game.grid must be 2, 3"),
+        ("evaluate.py", ["checkpoint=x.ckpt", "pointing_game.grid=2", "pointing_game.methods=[gradcam++]"],
+         "pointing_game.methods ['gradcam++'] are unknown"),
         ("visualize.py", ["checkpoint=missing.ckpt"], "does not exist"),
         ("summarize.py", ["no_such_dir"], "does not exist"),
     ],
 )
 def test_user_mistakes_give_one_line_and_status_2(script, args, message, tmp_path):
     extra = hydra_args(tmp_path) if script != "summarize.py" else []
+    (tmp_path / "x.ckpt").write_bytes(b"")  # exists: the settings are checked before it is read
     proc = run_script(script, [*args, *extra], tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -2,7 +2,7 @@
 
 Everything here works on whole batches: no Python loop over samples, no ``.item()`` /
 ``.cpu()`` and no branching on tensor values, so a batch stays on its device from the image to
-the per-sample scores; :class:`ScoreAccumulator` (torchmetrics ``MeanMetric``) averages them
+the per-sample scores; :class:`ScoreAccumulator` (torchmetrics ``SumMetric``s) averages them
 over the test set and synchronises with the host once, in ``compute()``.
 
 Conventions (also written into every evaluation JSON, see :data:`CONVENTIONS`):
@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, SumMetric
+from torchmetrics import SumMetric
 
 from distill.explain import head_maps, leaf_features
 from distill.explain.visual import normalize_maps, resize_maps
@@ -56,6 +56,9 @@ CONVENTIONS = {
     "agreement_pct": "100 * mean(1[argmax student == argmax teacher])",
     "map_cosine": "mean cosine of teacher and student Grad-CAM++ maps for the same class "
                   "(similarity_target), student map resized to the teacher's; all-zero map -> 0",
+    "pointing_game_pct": "100 * mean over cells of n x n grids of distinct classes (images the teacher, else the "
+                         "model, classifies correctly) of positive map mass in the explained class's cell / "
+                         "positive mass over the grid (Böhle et al., CVPR 2021); all-zero map -> 0",
 }
 
 
@@ -242,8 +245,27 @@ def evaluate_batch(
 
 
 # --------------------------------------------------------------------------- accumulation
+class WeightedMean(nn.Module):
+    """``sum(w * v) / sum(w)`` over every update, from two ``SumMetric``s (no NaN check, no
+    host sync). Not ``MeanMetric(nan_strategy="disable")``: torchmetrics 1.9 drops the weights
+    in that mode (its ``_cast_and_nan_check_input`` replaces them by ones)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = SumMetric(nan_strategy="disable")
+        self.weight = SumMetric(nan_strategy="disable")
+
+    def update(self, value: Tensor, weight: Tensor | None = None) -> None:
+        weight = torch.ones_like(value) if weight is None else weight.to(value.dtype)
+        self.total.update((value * weight).sum())
+        self.weight.update(weight.sum())
+
+    def compute(self) -> Tensor:
+        return self.total.compute() / self.weight.compute()
+
+
 class ScoreAccumulator(nn.Module):
-    """Running means of per-image scores (one ``MeanMetric`` per key, created on first use).
+    """Running means of per-image scores (one :class:`WeightedMean` per key, created on first use).
 
     ``update`` only adds tensors on the device (``nan_strategy="disable"``: no NaN check, which
     would synchronise); ``compute`` returns plain floats: ``<key>_pct = 100 * mean`` for every
@@ -256,18 +278,22 @@ class ScoreAccumulator(nn.Module):
         self.count = SumMetric(nan_strategy="disable")
         self._keys: dict[str, str] = {}  # ModuleDict keys cannot hold "/" -> "__"
 
-    def update(self, scores: dict[str, Tensor]) -> None:
+    def update(self, scores: dict[str, Tensor | tuple[Tensor, Tensor]]) -> None:
+        """``scores``: ``{key: (N,) values}`` or ``{key: ((N,) values, (N,) weights)}`` (weighted
+        mean, e.g. weight 0 for padding). ``num_images`` counts the first entry's ``N``."""
         device = None
         for key, value in scores.items():
+            value, weight = value if isinstance(value, tuple) else (value, None)
             name = key.replace("/", "__").replace(".", "_")
             if name not in self.means:
-                self.means[name] = MeanMetric(nan_strategy="disable").to(value.device)
+                self.means[name] = WeightedMean().to(value.device)
                 self._keys[key] = name
-            self.means[name].update(value)
+            self.means[name].update(value, weight)
             device = value.device
         if device is not None:
             self.count = self.count.to(device)
             first = next(iter(scores.values()))
+            first = first[0] if isinstance(first, tuple) else first
             self.count.update(torch.full((), first.shape[0], dtype=torch.float32, device=device))
 
     def compute(self) -> dict[str, float]:

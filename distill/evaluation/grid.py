@@ -8,6 +8,9 @@ green when it is the label and red otherwise. By default every model explains it
 (``target="pred"``); with ``target="label"`` all maps explain the label (the title then also
 says which class the map shows).
 
+Multi-label (VOC) images get :func:`multilabel_cells` instead: one column per positive class
+(teacher's and student's Grad-CAM++), titled with the class name and the sigmoid score.
+
 Maps are overlaid with :func:`distill.explain.overlay` (min-max normalised, jet colour map);
 Guided Grad-CAM++ is shown with the usual contrast stretch (per image: subtract the mean,
 divide by the std, scale by 0.1, shift to 0.5, clip to ``[0, 1]``).
@@ -119,6 +122,53 @@ def explanation_cells(
     return rows
 
 
+def multilabel_cells(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    teacher: nn.Module | None = None,
+    class_names: Sequence[str] | None = None,
+    method: str = "gradcampp",
+) -> list[list[Cell]]:
+    """Cells of a multi-label grid: one row per image, one column per positive class (and per
+    model: teacher then student), titled with the class name and the model's sigmoid score
+    (green when > 0.5). ``labels`` ``(B, C)`` multi-hot (1 / 0 / -1). All maps of a model come
+    from one batched call; rows with fewer positives than the widest row end in blank cells."""
+    from distill.evaluation.multilabel import positive_targets
+
+    labels = labels.long().to(images.device)
+    width = max(int((labels == 1).sum(dim=1).max()), 1)
+    target = positive_targets(labels, width)  # (B, T)
+    pixels = images if mean is None else denormalize(images, mean, std)
+    roles = [("teacher", teacher), ("student", model)] if teacher is not None else [("", model)]
+    columns = []
+    for who, net in roles:
+        features, logits = forward_explainable(net, images)
+        maps = head_maps(net, features, target, method).cpu()  # (B, T, h, w)
+        probs = torch.sigmoid(logits.float()).cpu()
+        columns.append((who, maps, probs))
+    title = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++"}.get(method, method)
+    rgb = _rgb(pixels)
+    blank = np.full_like(rgb[0], 255)
+    rows = []
+    for b, classes in enumerate(target.cpu().tolist()):
+        positives = [_name(c, class_names) for c in classes if c >= 0]
+        row = [Cell(rgb[b], "image\n" + (", ".join(positives) or "no positive"))]
+        for t, c in enumerate(classes):
+            for who, maps, probs in columns:
+                if c < 0:
+                    row.append(Cell(blank, ""))
+                    continue
+                score = float(probs[b, c])
+                row.append(Cell(overlay(pixels[b].cpu(), maps[b, t]), f"{who} {title}".strip()
+                                + f"\n{_name(c, class_names)} p={score:.2f}", GREEN if score > 0.5 else RED,
+                                smooth=True))
+        rows.append(row)
+    return rows
+
+
 def grid_figure(rows: list[list[Cell]], cell_px: int = 128, dpi: int = 100):
     """A matplotlib ``Figure`` of the cells: ``len(rows) * cell_px`` by ``columns * cell_px`` pixels."""
     from matplotlib.figure import Figure
@@ -171,8 +221,12 @@ def explanation_grid(
     cell_px: int = 128,
     dpi: int = 100,
 ):
-    """:func:`explanation_cells` laid out by :func:`grid_figure`; returns the figure."""
-    rows = explanation_cells(model, images, labels, mean, std, teacher, class_names, target)
+    """:func:`explanation_cells` (``labels`` ``(B,)``) or :func:`multilabel_cells` (multi-hot
+    ``labels`` ``(B, C)``) laid out by :func:`grid_figure`; returns the figure."""
+    if labels.dim() == 2:
+        rows = multilabel_cells(model, images, labels, mean, std, teacher, class_names)
+    else:
+        rows = explanation_cells(model, images, labels, mean, std, teacher, class_names, target)
     return grid_figure(rows, cell_px, dpi)
 
 
@@ -183,6 +237,7 @@ __all__ = [
     "explanation_grid",
     "figure_array",
     "grid_figure",
+    "multilabel_cells",
     "save_figure",
     "stretch_guided",
 ]

@@ -28,7 +28,8 @@ from distill.errors import DataError
 
 log = logging.getLogger("distill")
 
-METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++"}
+METHOD_NAMES = {"cam": "CAM", "gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "hirescam": "HiResCAM",
+                "xgradcam": "XGrad-CAM", "layercam": "LayerCAM"}
 
 
 # --------------------------------------------------------------------------- generic writers
@@ -65,8 +66,52 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 # --------------------------------------------------------------------------- evaluation report
+def multilabel_markdown(result: dict) -> str:
+    """The markdown report of a multi-label (VOC) ``evaluate.py`` result."""
+    m = result["metrics"]
+    model, teacher = result["model"], result.get("teacher")
+    score = result.get("score_name", "map")
+    deltas = result.get("loc_deltas", [])
+    lines = [
+        f"# Evaluation of `{result['checkpoint']}`",
+        "",
+        f"{model['name']} ({model.get('stage')}), data `{result['data']}` {result['split']} split, "
+        f"{m['num_images']} images, multi-label: every ground-truth positive class of each image is explained "
+        "(Y, O = its sigmoid score on the image and on the explanation image).",
+        "",
+    ]
+    headers = ["model", score]
+    for method in ("gradcam", "gradcampp"):
+        headers += [f"Avg Drop % {METHOD_NAMES[method]} (lower)", f"Incr. Conf. % {METHOD_NAMES[method]} (higher)"]
+    headers += ["Win % Grad-CAM++ vs Grad-CAM", *[f"Loc % Grad-CAM++ (delta {d:g})" for d in deltas]]
+
+    def row(label: str, prefix: str) -> list[str]:
+        cells = [label, _fmt(m.get(f"{prefix}{score}"), 4)]
+        for method in ("gradcam", "gradcampp"):
+            cells += [_fmt(m.get(f"{prefix}{method}/average_drop_pct")),
+                      _fmt(m.get(f"{prefix}{method}/increase_in_confidence_pct"))]
+        cells.append(_fmt(m.get(f"{prefix}win_gradcampp_vs_gradcam_pct")))
+        cells += [_fmt(m.get(f"{prefix}loc{round(100 * d):02d}_pct")) for d in deltas]
+        return cells
+
+    rows = [row(f"{'student' if teacher else 'model'} {model['name']}", "")]
+    if teacher:
+        rows.append(row(f"teacher {teacher['name']}", "teacher/"))
+    lines.append(markdown_table(headers, rows))
+    if teacher:
+        lines += [f"Teacher: `{teacher['checkpoint']}`.", "",
+                  markdown_table(["teacher vs student", "value"],
+                                 [["agreement % (same logit > 0 decision, per class)", _fmt(m.get("agreement_pct"))],
+                                  ["map cosine (Grad-CAM++, every positive class)", _fmt(m.get("map_cosine"), 4)]])]
+    lines += ["Conventions:", ""]
+    lines += [f"- `{k}`: {v}" for k, v in sorted(result.get("conventions", {}).items())]
+    return "\n".join(lines) + "\n"
+
+
 def evaluation_markdown(result: dict) -> str:
     """The markdown report of one ``evaluate.py`` result (see :func:`distill.evaluation.evaluate`)."""
+    if str(result.get("task", "multiclass")).startswith("multilabel"):
+        return multilabel_markdown(result)
     m = result["metrics"]
     model, teacher = result["model"], result.get("teacher")
     lines = [
@@ -105,6 +150,20 @@ def evaluation_markdown(result: dict) -> str:
         ]
     else:
         lines += ["No teacher: pass `teacher_checkpoint=PATH` for agreement and map similarity.", ""]
+    game = result.get("pointing_game")
+    if game:
+        n = game["grid"]
+        who = [("student" if teacher else "model", "")] + ([("teacher", "teacher/")] if teacher else [])
+        lines += [
+            f"Grid pointing game, {n}x{n} grids ({game['num_grids']} grids of distinct classes, each image "
+            f"classified correctly by the {'teacher' if teacher else 'model'}; share of the positive map mass "
+            f"inside the explained class's cell, %, chance {100 / n ** 2:.1f}):",
+            "",
+            markdown_table(["method", *[w for w, _ in who]],
+                           [[METHOD_NAMES.get(mth, mth),
+                             *[_fmt(m.get(f"{pre}pointing_game_{n}x{n}/{mth}_pct")) for _, pre in who]]
+                            for mth in game["methods"]]),
+        ]
     lines += ["Conventions:", ""]
     lines += [f"- `{k}`: {v}" for k, v in sorted(result.get("conventions", {}).items())]
     return "\n".join(lines) + "\n"

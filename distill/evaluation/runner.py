@@ -137,10 +137,6 @@ def build_datamodule(hparams: dict, overrides: dict | None, batch_size: int | No
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         node["eval_batch_size"] = int(batch_size)
     datamodule = instantiate(OmegaConf.create(node), "the data (data=...)")
-    task = getattr(datamodule, "task", "multiclass")
-    if task != "multiclass":
-        raise ConfigError(f"the data is a {task} task; faithfulness and agreement are implemented for "
-                          "single-label (multiclass) data only")
     datamodule.prepare_data()
     datamodule.setup("test" if split == "test" else "validate")
     return datamodule
@@ -211,7 +207,7 @@ def _loader(session: Session, split: str, limit_batches: int | None, seed: int =
     generator = torch.Generator().manual_seed(seed)
     picked = torch.randperm(len(dataset), generator=generator)[: limit_batches * loader.batch_size]
     return DataLoader(Subset(dataset, sorted(picked.tolist())), batch_size=loader.batch_size, shuffle=False,
-                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory, collate_fn=loader.collate_fn)
 
 
 def _dataset(session: Session, split: str):
@@ -265,12 +261,117 @@ def _run_name(prefix: str, loaded: LoadedModel) -> str:
 
 
 # --------------------------------------------------------------------------- the two runs
-def evaluate(cfg: DictConfig) -> dict:
-    """Accuracy, Average Drop / Increase in Confidence (Grad-CAM, Grad-CAM++), Win %, and with a
-    teacher top-1 agreement and map similarity, over the test set; writes
-    ``<output_dir>/evaluation.json`` and ``evaluation.md`` and returns the JSON payload."""
-    from distill.evaluation.faithfulness import CONVENTIONS, SIMILARITY_TARGETS, ScoreAccumulator, evaluate_batch
+def _pointing_settings(cfg: DictConfig) -> dict | None:
+    """The checked ``pointing_game`` settings, or ``None`` when it is off (``grid: null``)."""
+    from distill.explain import METHODS
+
+    node = cfg.get("pointing_game") or {}
+    if node.get("grid") in (None, 0, False):
+        return None
+    game = {"grid": node.get("grid"), "num_grids": node.get("num_grids", 500),
+            "grids_per_batch": node.get("grids_per_batch", 16),
+            "methods": list(node.get("methods") or ("gradcam", "gradcampp"))}
+    for key in ("grid", "num_grids", "grids_per_batch"):
+        if not isinstance(game[key], int) or isinstance(game[key], bool) or game[key] < 1:
+            raise ConfigError(f"pointing_game.{key} must be an integer >= 1, got {game[key]!r}")
+    if game["grid"] < 2:
+        raise ConfigError(f"pointing_game.grid must be 2, 3, ... (an n x n grid) or null, got {game['grid']}")
+    unknown = [m for m in game["methods"] if m not in METHODS or m == "cam"]
+    if unknown:
+        raise ConfigError(f"pointing_game.methods {unknown} are unknown; choose among "
+                          f"{[m for m in METHODS if m != 'cam']}")
+    return game
+
+
+def _pointing_game(session: Session, dataset, labels, correct, game: dict, seed: int) -> dict[str, float]:
+    """The grid pointing game of the student (and its teacher) on grids of images that the
+    teacher (else the model) classifies correctly: the same grids for both."""
+    from distill.evaluation.pointing import pointing_game
+
+    models = {"": session.student.model}
+    if session.teacher is not None:
+        models["teacher/"] = session.teacher.model
+    n = game["grid"]
+    try:
+        return pointing_game(models, dataset, labels, correct, n, game["num_grids"], game["methods"], seed,
+                             game["grids_per_batch"], session.device)
+    except ValueError as err:
+        raise ConfigError(f"pointing game: {err}") from None
+
+
+def is_multilabel(datamodule) -> bool:
+    return getattr(datamodule, "task", "multiclass") != "multiclass"
+
+
+def _write_result(cfg: DictConfig, session: Session, metrics: dict, extra: dict) -> dict:
+    """``evaluation.json`` / ``evaluation.md`` in ``output_dir``, and the logger."""
     from distill.evaluation.report import evaluation_markdown, write_json, write_text
+
+    out = Path(cfg.output_dir)
+    result = {
+        "checkpoint": str(session.student.path),
+        "model": _describe(session.student),
+        "teacher": _describe(session.teacher),
+        "data": session.datamodule.name,
+        "device": str(session.device),
+        "metrics": metrics,
+        **extra,
+    }
+    json_path = write_json(out / "evaluation.json", result)
+    md_path = write_text(out / "evaluation.md", evaluation_markdown(result))
+    log.info("evaluation of %s on %d images: %s and %s", session.student.path, metrics["num_images"],
+             json_path, md_path)
+    _log_results(cfg, _run_name("eval", session.student),
+                 {"checkpoint": result["checkpoint"], "teacher_checkpoint": (result["teacher"] or {}).get("checkpoint"),
+                  "split": extra.get("split"), "similarity_target": extra.get("similarity_target")}, metrics)
+    return result
+
+
+def _evaluate_multilabel(cfg: DictConfig, session: Session, limit: int | None, split: str) -> dict:
+    """Multi-label (VOC) checkpoints: mAP, per-positive-class Average Drop / Increase in
+    Confidence on sigmoid scores, box localisation, and with a teacher agreement and map cosine
+    (:mod:`distill.evaluation.multilabel`)."""
+    from distill.evaluation.faithfulness import ScoreAccumulator
+    from distill.evaluation.multilabel import ML_CONVENTIONS, evaluate_multilabel_batch
+    from distill.run import task_of
+
+    dm = session.datamodule
+    task = task_of(dm, session.student.num_classes)
+    mean, std = data_stats(dm)
+    teacher = session.teacher.model if session.teacher is not None else None
+    deltas = tuple(getattr(dm, "loc_deltas", ()) or ())
+    scores = ScoreAccumulator().to(session.device)
+    ap = {prefix: task.score_metric().to(session.device) for prefix in ("", "teacher/")[: 1 + (teacher is not None)]}
+    non_blocking = session.device.type == "cuda"
+    loader = _loader(session, split, None if limit is None else int(limit), int(cfg.get("seed", 0)))
+    for batch in loader:
+        batch = [t.to(session.device, non_blocking=non_blocking) for t in batch]
+        batch_scores, logits = evaluate_multilabel_batch(
+            session.student.model, batch, mean, std, teacher=teacher, deltas=deltas,
+            explain_teacher=bool(cfg.get("explain_teacher", True)),
+            max_targets=(getattr(dm, "task_options", None) or {}).get("max_map_targets"))
+        scores.update(batch_scores)
+        for prefix, metric in ap.items():
+            metric.update(logits[prefix], batch[1])
+    if not len(loader.dataset):
+        raise ConfigError(f"the {split} split has no images to evaluate")
+    metrics = scores.compute()
+    metrics["num_images"] = len(loader.dataset)
+    for prefix, metric in ap.items():
+        metrics[f"{prefix}{task.score_name}"] = float(metric.compute())
+    return _write_result(cfg, session, metrics, {
+        "task": task.name, "score_name": task.score_name, "split": split, "limit_batches": limit,
+        "loc_deltas": list(deltas), "similarity_target": "label", "conventions": ML_CONVENTIONS})
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Accuracy, Average Drop / Increase in Confidence (Grad-CAM, Grad-CAM++), Win %, with a
+    teacher top-1 agreement and map similarity, over the test set, and with ``pointing_game.grid``
+    the grid pointing game of every ``pointing_game.methods`` (teacher's grids); writes
+    ``<output_dir>/evaluation.json`` and ``evaluation.md`` and returns the JSON payload."""
+    import torch
+
+    from distill.evaluation.faithfulness import CONVENTIONS, SIMILARITY_TARGETS, ScoreAccumulator, evaluate_batch
 
     similarity = cfg.get("similarity_target", "label")
     if similarity not in SIMILARITY_TARGETS:
@@ -279,45 +380,44 @@ def evaluate(cfg: DictConfig) -> dict:
     if limit is not None and int(limit) < 1:
         raise ConfigError(f"limit_batches must be >= 1 or null, got {limit}")
     split = cfg.get("split", "test")
+    game = _pointing_settings(cfg)
     session = open_session(cfg)
+    if is_multilabel(session.datamodule):
+        if game is not None:
+            raise ConfigError("pointing_game.grid needs single-label data (a grid of distinct classes); a "
+                              "multi-label checkpoint is judged against its boxes: leave pointing_game.grid=null")
+        return _evaluate_multilabel(cfg, session, limit, split)
+    if game is not None and game["grid"] ** 2 > session.student.num_classes:
+        raise ConfigError(f"pointing_game.grid={game['grid']} needs {game['grid'] ** 2} distinct classes per grid, "
+                          f"but the data has {session.student.num_classes}: use a smaller grid")
     mean, std = data_stats(session.datamodule)
     teacher = session.teacher.model if session.teacher is not None else None
     scores = ScoreAccumulator().to(session.device)
     non_blocking = session.device.type == "cuda"
     loader = _loader(session, split, None if limit is None else int(limit), int(cfg.get("seed", 0)))
+    all_labels, correct = [], []  # for the pointing game's grids: the judged images' labels
     for batch in loader:
         images = batch[0].to(session.device, non_blocking=non_blocking)
         labels = batch[1].to(session.device, non_blocking=non_blocking)
-        scores.update(evaluate_batch(session.student.model, images, labels, mean, std, teacher=teacher,
-                                     similarity_target=similarity,
-                                     explain_teacher=bool(cfg.get("explain_teacher", True))))
+        batch_scores = evaluate_batch(session.student.model, images, labels, mean, std, teacher=teacher,
+                                      similarity_target=similarity,
+                                      explain_teacher=bool(cfg.get("explain_teacher", True)))
+        scores.update(batch_scores)
+        if game is not None:
+            all_labels.append(labels)
+            correct.append(batch_scores["teacher/accuracy" if teacher is not None else "accuracy"] > 0)
     metrics = scores.compute()
     if not metrics["num_images"]:
         raise ConfigError(f"the {split} split has no images to evaluate")
+    if game is not None:
+        metrics.update(_pointing_game(session, loader.dataset, torch.cat(all_labels), torch.cat(correct), game,
+                                      int(cfg.get("seed", 0))))
     metrics["error_pct"] = 100.0 - metrics["accuracy_pct"]
     if "teacher/accuracy_pct" in metrics:
         metrics["teacher/error_pct"] = 100.0 - metrics["teacher/accuracy_pct"]
-    out = Path(cfg.output_dir)
-    result = {
-        "checkpoint": str(session.student.path),
-        "model": _describe(session.student),
-        "teacher": _describe(session.teacher),
-        "data": session.datamodule.name,
-        "split": split,
-        "limit_batches": limit,
-        "similarity_target": similarity,
-        "device": str(session.device),
-        "metrics": metrics,
-        "conventions": CONVENTIONS,
-    }
-    json_path = write_json(out / "evaluation.json", result)
-    md_path = write_text(out / "evaluation.md", evaluation_markdown(result))
-    log.info("evaluation of %s on %d images: %s and %s", session.student.path, metrics["num_images"],
-             json_path, md_path)
-    _log_results(cfg, _run_name("eval", session.student),
-                 {"checkpoint": result["checkpoint"], "teacher_checkpoint": (result["teacher"] or {}).get("checkpoint"),
-                  "split": split, "similarity_target": similarity}, metrics)
-    return result
+    return _write_result(cfg, session, metrics, {
+        "pointing_game": game, "split": split, "limit_batches": limit, "similarity_target": similarity,
+        "conventions": CONVENTIONS})
 
 
 def visualize(cfg: DictConfig) -> Path:
@@ -345,7 +445,9 @@ def visualize(cfg: DictConfig) -> Path:
         raise ConfigError(f"indices {bad or indices} are not in the {split} split's 0..{len(dataset) - 1}")
     items = [dataset[i] for i in indices]
     images = torch.stack([torch.as_tensor(item[0]) for item in items]).to(session.device)
-    labels = torch.as_tensor([int(item[1]) for item in items]).to(session.device)
+    multilabel = is_multilabel(session.datamodule)
+    labels = (torch.stack([torch.as_tensor(item[1]) for item in items]) if multilabel  # (B, C) multi-hot
+              else torch.as_tensor([int(item[1]) for item in items])).to(session.device)
     mean, std = data_stats(session.datamodule)
     teacher = session.teacher.model if session.teacher is not None else None
     fig = explanation_grid(session.student.model, images, labels, mean, std, teacher=teacher,
@@ -355,7 +457,8 @@ def visualize(cfg: DictConfig) -> Path:
     log.info("explanation grid of %d %s images: %s", len(indices), split, path)
     if cfg.get("logger"):
         caption = (f"{session.student.name}: image | "
-                   + ("teacher Grad-CAM | teacher Grad-CAM++ | student Grad-CAM++ | student Guided Grad-CAM++"
+                   + ("Grad-CAM++ of every positive class" if multilabel else
+                      "teacher Grad-CAM | teacher Grad-CAM++ | student Grad-CAM++ | student Guided Grad-CAM++"
                       if teacher is not None else "Grad-CAM | Grad-CAM++ | Guided Grad-CAM++"))
         _log_results(cfg, _run_name("visualize", session.student),
                      {"checkpoint": str(session.student.path), "indices": indices, "target": target},

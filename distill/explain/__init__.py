@@ -8,7 +8,11 @@ from distill.explain.maps import (
     gradcam_weights,
     gradcampp_alpha,
     gradcampp_weights,
+    gradient_maps,
+    hirescam_maps,
+    layercam_maps,
     weighted_maps,
+    xgradcam_weights,
 )
 from distill.explain.network import explain_network, head_maps, leaf_features, model_maps, network_maps
 from distill.explain.visual import (
@@ -32,9 +36,12 @@ __all__ = [
     "gradcam_weights",
     "gradcampp_alpha",
     "gradcampp_weights",
+    "gradient_maps",
     "guided_backprop",
     "guided_gradcam",
     "head_maps",
+    "hirescam_maps",
+    "layercam_maps",
     "leaf_features",
     "model_maps",
     "network_maps",
@@ -42,4 +49,5 @@ __all__ = [
     "overlay",
     "resize_maps",
     "weighted_maps",
+    "xgradcam_weights",
 ]

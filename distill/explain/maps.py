@@ -1,4 +1,4 @@
-"""Batched, differentiable Grad-CAM / Grad-CAM++ / CAM maps (SPEC §1).
+"""Batched, differentiable CAM / Grad-CAM / Grad-CAM++ / HiResCAM / XGrad-CAM / LayerCAM maps.
 
 Pure tensor functions: they take the logits and the explained activations of one forward
 pass and return one map per (sample, target class). No hooks, no host synchronisation, no
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from distill.errors import ConfigError
 
-METHODS = ("cam", "gradcam", "gradcampp")
+METHODS = ("cam", "gradcam", "gradcampp", "hirescam", "xgradcam", "layercam")
 FLOAT16_PRECISIONS = ("16-mixed", "16-true", "16")
 
 
@@ -82,6 +82,45 @@ def gradcampp_weights(grads: Tensor, activations: Tensor) -> Tensor:
     return (alpha * F.relu(grads)).sum(dim=(-2, -1))
 
 
+def xgradcam_weights(grads: Tensor, activations: Tensor) -> Tensor:
+    """XGrad-CAM weights ``w_k = sum_ij (A_kij / sum_ab A_kab) g_kij`` (Fu et al., BMVC 2020, Eq. 8).
+
+    ``grads`` ``(B, T, K, h, w)``, ``activations`` ``(B, K, h, w)`` -> ``(B, T, K)``; 0 for a
+    channel whose activations sum to 0 (no epsilon; an all-zero channel adds nothing anyway).
+    """
+    sums = activations.sum(dim=(-2, -1), keepdim=True)  # (B, K, 1, 1)
+    defined = sums != 0
+    share = torch.where(defined, activations / torch.where(defined, sums, torch.ones_like(sums)), 0.0)
+    return (grads * share[:, None]).sum(dim=(-2, -1))
+
+
+def hirescam_maps(grads: Tensor, activations: Tensor) -> Tensor:
+    """HiResCAM ``ReLU(sum_k g_k * A_k)``, element-wise (Draelos & Carin, 2020, Eq. 4):
+    ``(B, T, K, h, w)`` x ``(B, K, h, w)`` -> ``(B, T, h, w)``."""
+    return F.relu((grads * activations[:, None]).sum(dim=2))
+
+
+def layercam_maps(grads: Tensor, activations: Tensor) -> Tensor:
+    """LayerCAM ``ReLU(sum_k ReLU(g_k) * A_k)``, element-wise (Jiang et al., TIP 2021, Eqs. 5-6):
+    ``(B, T, K, h, w)`` x ``(B, K, h, w)`` -> ``(B, T, h, w)``."""
+    return F.relu((F.relu(grads) * activations[:, None]).sum(dim=2))
+
+
+def gradient_maps(grads: Tensor, activations: Tensor, method: str) -> Tensor:
+    """The map of ``method`` from the gradients ``(B, T, K, h, w)`` and activations ``(B, K, h, w)``."""
+    if method == "hirescam":
+        return hirescam_maps(grads, activations)
+    if method == "layercam":
+        return layercam_maps(grads, activations)
+    if method == "gradcam":
+        weights = gradcam_weights(grads)
+    elif method == "xgradcam":
+        weights = xgradcam_weights(grads, activations)
+    else:
+        weights = gradcampp_weights(grads, activations)
+    return weighted_maps(weights, activations)
+
+
 def weighted_maps(weights: Tensor, activations: Tensor) -> Tensor:
     """``ReLU(sum_k w_k A_k)``: ``(B, T, K)`` x ``(B, K, h, w)`` -> ``(B, T, h, w)``."""
     return F.relu(torch.einsum("btk,bkhw->bthw", weights, activations))
@@ -124,7 +163,10 @@ def closed_form_weights(
 
     There ``g_kij = W[c, k] / Z`` is constant over space, so Grad-CAM's weights are ``W[c] / Z``,
     CAM's are ``W[c]``, and Grad-CAM++'s are ``Z * alpha_k * ReLU(g_k)`` with the scalar
-    ``alpha_k = g_k^2 / (2 g_k^2 + (sum_ab A_kab) g_k^3)``. No autograd call.
+    ``alpha_k = g_k^2 / (2 g_k^2 + (sum_ab A_kab) g_k^3)``. HiResCAM's element-wise
+    ``sum_k g_k A_k`` is then Grad-CAM's map; XGrad-CAM's ``sum_ij A_kij g_k / sum_ab A_kab`` is
+    ``g_k`` (0 where the channel sums to 0); LayerCAM's ``sum_k ReLU(g_k) A_k`` is a weighted map
+    with weights ``ReLU(W[c] / Z)``. No autograd call.
     """
     area = activations.shape[-2] * activations.shape[-1]
     valid = (target >= 0).to(linear_weight.dtype)[..., None]
@@ -138,13 +180,18 @@ def constant_gradient_weights(grads: Tensor, activations: Tensor, method: str) -
     """Channel weights ``(B, T, K)`` when ``g_kij = grads[b, t, k]`` at every position ``(i, j)``.
 
     This holds for every head that starts with global average pooling, ``S = f(mean_ij A)``:
-    ``g_kij = (1/Z) dS/dp_k`` with ``p = mean_ij A``. Grad-CAM's weights are then ``g_k`` and
+    ``g_kij = (1/Z) dS/dp_k`` with ``p = mean_ij A``. Grad-CAM's and HiResCAM's weights are then
+    ``g_k``, XGrad-CAM's ``g_k`` (0 where the channel sums to 0), LayerCAM's ``ReLU(g_k)``, and
     Grad-CAM++'s ``Z * alpha_k * ReLU(g_k)`` with the scalar ``alpha_k = 1 / (2 + (sum_ab A_kab) g_k)``.
     """
-    if method == "gradcam":
+    if method in ("gradcam", "hirescam"):
         return grads
+    if method == "layercam":
+        return F.relu(grads)
     area = activations.shape[-2] * activations.shape[-1]
     sums = activations.sum(dim=(-2, -1))[:, None, :]
+    if method == "xgradcam":
+        return grads * (sums != 0).to(grads.dtype)
     return area * gradcampp_alpha(grads, sums) * F.relu(grads)
 
 
@@ -193,7 +240,8 @@ def explanation_maps(
         activations: ``(B, K, h, w)`` explained-layer activations (needs a graph to ``logits``
             unless ``linear_weight`` is given).
         target: ``(B,)`` or ``(B, T)`` class indices; negative entries are padding.
-        method: ``"gradcam"``, ``"gradcampp"`` or ``"cam"`` (needs ``linear_weight``).
+        method: one of :data:`METHODS`: ``"gradcam"``, ``"gradcampp"``, ``"hirescam"``,
+            ``"xgradcam"``, ``"layercam"`` or ``"cam"`` (needs ``linear_weight``).
         create_graph: keep the graph so the maps can be backpropagated (second order).
         linear_weight: ``(C, K)`` weight of a global-average-pool + linear head; enables the
             closed form (no autograd call; ``logits`` are then not used).
@@ -216,9 +264,8 @@ def explanation_maps(
     with float32_region(activations):
         acts = activations.to(dtype)
         if linear_weight is not None:
-            weights = closed_form_weights(linear_weight.to(dtype), acts, target, method)
+            maps = weighted_maps(closed_form_weights(linear_weight.to(dtype), acts, target, method), acts)
         else:
             grads = class_gradients(logits, activations, target, create_graph).to(dtype)
-            weights = gradcam_weights(grads) if method == "gradcam" else gradcampp_weights(grads, acts)
-        maps = weighted_maps(weights, acts)
+            maps = gradient_maps(grads, acts, method)
     return maps[:, 0] if squeeze else maps
