@@ -54,17 +54,21 @@ def quiet_libraries() -> None:
     # epoch-level metrics are logged either way.
     warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the "
                                               r"logging interval")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # "generated new fontManager" (first use)
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if _FILTER not in logger.filters:
         logger.addFilter(_FILTER)
 
 
-def quiet_data(datamodule: Any) -> None:
-    """An explicit ``data.num_workers=0`` (or in-memory data such as ``data=synthetic``) is a
-    choice: Lightning's advice to use more workers is then noise. ``data.num_workers=null``
-    picks Lightning's own suggestion, so the advice never shows either."""
+def quiet_choices(datamodule: Any, accelerator: str | None) -> None:
+    """Lightning's advice against a setting the config made on purpose is noise: more workers
+    for an explicit ``data.num_workers=0`` (or in-memory data such as ``data=synthetic``; the
+    default ``null`` takes Lightning's own suggestion, so it never advises), or the GPU for an
+    explicit ``trainer.accelerator=cpu`` (e.g. ``trainer=cpu`` in ``experiment=smoke``)."""
     if getattr(datamodule, "num_workers", None) == 0:
         warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
+    if accelerator == "cpu":
+        warnings.filterwarnings("ignore", message=r"GPU available but not used")
 
 
 def wandb_settings(offline: bool) -> dict:
@@ -171,8 +175,10 @@ def report_run(result: dict, run_dir: Path) -> str:
     table = metrics_table(result)
     if table:
         used = coverage.get("used")
-        what = f"{used:,} test images" if used is not None else "the test split"
-        lines.append(f"Test metrics ({what}{'; ' + note.upper() if note else ''}):")
+        if note:
+            lines.append(f"Test metrics on a PARTIAL test set ({used:,} of {coverage['of']:,} images):")
+        else:
+            lines.append(f"Test metrics ({f'{used:,} test images' if used is not None else 'the test split'}):")
         lines += table
         if note:
             lines.append("  (data.test_subset / trainer.limit_test_batches: not comparable to whole-test-set numbers)")
@@ -188,5 +194,5 @@ def report_run(result: dict, run_dir: Path) -> str:
     return text
 
 
-__all__ = ["CountTestImages", "metrics_table", "partial_note", "quiet_data", "quiet_libraries", "report_run",
+__all__ = ["CountTestImages", "metrics_table", "partial_note", "quiet_choices", "quiet_libraries", "report_run",
            "test_images_record", "wandb_settings", "without_anonymous"]

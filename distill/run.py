@@ -345,7 +345,7 @@ def run(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data, "the data (data=...)")
     check_data(datamodule)
-    console.quiet_data(datamodule)
+    console.quiet_choices(datamodule, cfg.trainer.get("accelerator"))
     run_dir = output_dir(cfg)
     if cfg.stage == "teacher":
         target = Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else default_teacher_checkpoint(cfg)
