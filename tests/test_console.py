@@ -123,9 +123,12 @@ def test_train_help_lists_commands_groups_and_cfg_job():
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert "python train.py experiment=smoke" in text and "--cfg job" in text
+    lines = text.splitlines()
     for group, option in (("data", "image_folder"), ("explain", "gradcampp"), ("kd", "hinton"),
                           ("experiment", "quick"), ("logger", "csv"), ("trainer", "ddp")):
-        line = next(line for line in text.splitlines() if line.strip().startswith(f"{group} "))
-        assert option in line or option in text.split(line, 1)[1].splitlines()[0], (group, line)
+        at = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{group} "))
+        assert len(lines[at].split()) > 2, lines[at]  # a description
+        assert option in lines[at + 1].replace(",", " ").split(), (group, lines[at + 1])
+    assert "wandb*" in text and "cifar10*" in text  # the defaults are marked
     assert "ChoiceSetting" not in text and "Powered by Hydra" not in text
     assert len(text.splitlines()) < 80
