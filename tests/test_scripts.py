@@ -81,6 +81,8 @@ def test_evaluate_a_distilled_student_with_its_recorded_teacher(trained, tmp_pat
     assert m["map_cosine"] == pytest.approx(trained_metrics["test/map_cosine"], abs=1e-4)
     table = (tmp_path / "evaluation.md").read_text()
     assert "| student wrn16_1 |" in table and "| teacher wrn16_2 |" in table and "top-1 agreement %" in table
+    assert "| student wrn16_1 |" in proc.stdout and "Partial" not in table  # the table on screen; all 64 images
+    assert "evaluate (test)" in proc.stderr and "2/2" in proc.stderr  # the progress bar (2 batches of 32)
     (csv_file,) = tmp_path.rglob("metrics.csv")
     assert "eval/gradcampp/average_drop_pct" in csv_file.read_text().splitlines()[0]
 
@@ -97,6 +99,8 @@ def test_evaluate_a_teacher_checkpoint_without_teacher_in_process(trained, tmp_p
                                              f"output_dir={tmp_path}", "device=cpu"])
     result = evaluate(cfg)
     assert result["teacher"] is None and result["metrics"]["num_images"] == 16
+    assert result["partial"] is True and result["split_size"] == 64
+    assert "**Partial test set: 16 of 64 images**" in (tmp_path / "evaluation.md").read_text()
     assert "agreement_pct" not in result["metrics"] and 0 <= result["metrics"]["gradcampp/average_drop_pct"] <= 100
     assert "No teacher" in (tmp_path / "evaluation.md").read_text()
 

@@ -127,6 +127,8 @@ def build_datamodule(hparams: dict, overrides: dict | None, batch_size: int | No
         raise ConfigError(f"split '{split}' is unknown; choose test or val")
     node = dict((hparams.get("config") or {}).get("data") or {})
     node.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    # The whole test split unless asked otherwise: the training run's quick test_subset is not reused.
+    node["test_subset"] = (overrides or {}).get("test_subset")
     if not node.get("_target_"):
         raise ConfigError("the checkpoint records no data config: give one with data._target_=... and its "
                           "arguments (+data.KEY=VALUE)")
@@ -191,22 +193,18 @@ def open_session(cfg: DictConfig) -> Session:
     return Session(student, teacher, datamodule, device)
 
 
-def _loader(session: Session, split: str, limit_batches: int | None, seed: int = 0):
-    """The split's loader; with ``limit_batches``, a fixed random subset of
-    ``limit_batches * batch size`` images (seeded), not the first ones: image folders are
-    sorted by class, so the first batches would hold one class only."""
+def _loader(session: Session, split: str, limit_batches: int | None):
+    """``(batches, number of batches, number of images)`` of the split: the data's loader, which
+    goes through the images in a fixed class-interleaved order (``BaseDataModule.test_images``),
+    so that with ``limit_batches`` its first batches still cover every class."""
+    import itertools
+
     dm = session.datamodule
     loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
-    dataset = loader.dataset
-    if limit_batches is None or limit_batches * loader.batch_size >= len(dataset):
-        return loader
-    import torch
-    from torch.utils.data import DataLoader, Subset
-
-    generator = torch.Generator().manual_seed(seed)
-    picked = torch.randperm(len(dataset), generator=generator)[: limit_batches * loader.batch_size]
-    return DataLoader(Subset(dataset, sorted(picked.tolist())), batch_size=loader.batch_size, shuffle=False,
-                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+    n_batches, n_images = len(loader), len(loader.dataset)
+    if limit_batches is None or limit_batches >= n_batches:
+        return loader, n_batches, n_images
+    return itertools.islice(loader, limit_batches), limit_batches, min(n_images, limit_batches * loader.batch_size)
 
 
 def _dataset(session: Session, split: str):
@@ -279,8 +277,11 @@ def evaluate(cfg: DictConfig) -> dict:
     teacher = session.teacher.model if session.teacher is not None else None
     scores = ScoreAccumulator().to(session.device)
     non_blocking = session.device.type == "cuda"
-    loader = _loader(session, split, None if limit is None else int(limit), int(cfg.get("seed", 0)))
-    for batch in loader:
+    from tqdm.auto import tqdm
+
+    loader, n_batches, _ = _loader(session, split, None if limit is None else int(limit))
+    for batch in tqdm(loader, total=n_batches, desc=f"evaluate ({split})", unit="batch", dynamic_ncols=True,
+                      disable=not cfg.get("progress_bar", True)):
         images = batch[0].to(session.device, non_blocking=non_blocking)
         labels = batch[1].to(session.device, non_blocking=non_blocking)
         scores.update(evaluate_batch(session.student.model, images, labels, mean, std, teacher=teacher,
@@ -299,6 +300,8 @@ def evaluate(cfg: DictConfig) -> dict:
         "teacher": _describe(session.teacher),
         "data": session.datamodule.name,
         "split": split,
+        "split_size": len(_dataset(session, split)),
+        "partial": metrics["num_images"] < len(_dataset(session, split)),
         "limit_batches": limit,
         "similarity_target": similarity,
         "device": str(session.device),
@@ -306,7 +309,9 @@ def evaluate(cfg: DictConfig) -> dict:
         "conventions": CONVENTIONS,
     }
     json_path = write_json(out / "evaluation.json", result)
-    md_path = write_text(out / "evaluation.md", evaluation_markdown(result))
+    markdown = evaluation_markdown(result)
+    md_path = write_text(out / "evaluation.md", markdown)
+    print("\n" + markdown.split("\nConventions:")[0].rstrip() + "\n", flush=True)
     log.info("evaluation of %s on %d images: %s and %s", session.student.path, metrics["num_images"],
              json_path, md_path)
     _log_results(cfg, _run_name("eval", session.student),
