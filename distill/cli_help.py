@@ -8,6 +8,7 @@ read from the config folders, so a new option file shows up by itself.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -75,11 +76,22 @@ def group_lines(config_name: str = "train") -> list[str]:
     return lines
 
 
+def key_lines(config_name: str) -> list[str]:
+    """``key=default  comment`` for each top-level key of a config file that has a comment."""
+    lines = []
+    for line in (CONFIG_DIR / f"{config_name}.yaml").read_text().splitlines():
+        match = re.match(r"^(\w+):\s*([^#]*?)\s*#\s*(.*)$", line)
+        if match and match.group(2):
+            key, value, comment = match.groups()
+            lines.append(f"  {key + '=' + value:<28} {comment}")
+    return lines
+
+
 def help_text(app: str = "train") -> str:
     if app in SCRIPTS:
         title, usage = SCRIPTS[app]
-        lines = [title, "", "Usage:", *[f"  {u}" for u in usage], "",
-                 f"Every key of configs/{app}.yaml can be set as key=value; the file's comments say what each does.",
+        lines = [title, "", "Usage:", *[f"  {u}" for u in usage], "", f"Options (configs/{app}.yaml):",
+                 *key_lines(app), "  data.KEY=VALUE               replaces the checkpoint's recorded data setting", "",
                  f"Resolved config: python scripts/{app}.py checkpoint=PATH --cfg job"]
         return "\n".join(lines) + "\n"
     width = max(len(what) for what, _ in COMMANDS)
