@@ -98,8 +98,8 @@ def test_smoke_run_is_quiet_and_ends_with_its_results(tmp_path):
     """The default logger (W&B, offline without credentials) and no WANDB_SILENT: what a user sees."""
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_SILENT", "WANDB_API_KEY")}
     env.update(WANDB_MODE="offline", HOME=str(tmp_path), PYTHONWARNINGS="default")
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "experiment=smoke", f"paths.log_dir={tmp_path}/logs"],
-                          cwd=tmp_path, env=env, capture_output=True, timeout=300)
+    command = [sys.executable, str(REPO / "train.py"), "experiment=smoke", f"paths.log_dir={tmp_path}/logs"]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, timeout=300)
     out = (proc.stdout + proc.stderr).decode()
     assert proc.returncode == 0, out[-3000:]
     lines = out.split("\n")  # as a terminal shows them: a progress bar redraws its line with "\r"
@@ -132,3 +132,45 @@ def test_train_help_lists_commands_groups_and_cfg_job():
     assert "wandb*" in text and "cifar10*" in text  # the defaults are marked
     assert "ChoiceSetting" not in text and "Powered by Hydra" not in text
     assert len(text.splitlines()) < 80
+
+
+# ---------------------------------------------------------------------------- presets compose
+def _tiny_folder(root: Path, n_train: int = 12, n_test: int = 4) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c in ("cat", "dog", "eel"):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+
+
+@pytest.mark.parametrize("experiment", ["smoke", "quick"])
+def test_presets_compose_with_another_data_option(experiment, tmp_path):
+    import hydra.utils
+
+    from distill.data import ImageFolderDataModule
+    from tests.conftest import compose_config
+
+    cfg = compose_config(tmp_path, [f"experiment={experiment}", "data=image_folder", f"data.root={tmp_path}"])
+    assert cfg.data._target_.endswith("ImageFolderDataModule") and "num_train" not in cfg.data
+    assert isinstance(hydra.utils.instantiate(cfg.data), ImageFolderDataModule)
+    if experiment == "quick":  # a quick teacher never lands in checkpoints/, where real runs look for theirs
+        from omegaconf import OmegaConf
+
+        preset = OmegaConf.load(REPO / "configs" / "experiment" / "quick.yaml")
+        assert OmegaConf.to_container(preset.paths)["checkpoint_dir"] == "${paths.output_dir}/teacher"
+
+
+@pytest.mark.slow
+def test_smoke_experiment_on_an_image_folder_end_to_end(tmp_path):
+    from tests.conftest import run_train
+
+    _tiny_folder(tmp_path / "tree")
+    proc = run_train(["experiment=smoke", "data=image_folder", f"data.root={tmp_path / 'tree'}", "data.num_classes=3",
+                      "logger=csv"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (metrics_path,) = (tmp_path / "logs").rglob("metrics.json")
+    record = json.loads(metrics_path.read_text())["test_images"]
+    assert record == {**record, "used": 12, "of": 12, "partial": False}  # 12 test images < 2 batches of 32

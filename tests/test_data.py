@@ -502,7 +502,8 @@ def test_data_configs_instantiate(cfg_name, cls, tmp_path):
         cfg.data.root = str(tmp_path / "tree")
     dm = hydra.utils.instantiate(cfg.data)
     assert type(dm) is cls and dm.seed == 7 and dm.name == cfg_name
-    assert dm.image_size == ((16, 16) if cfg_name == "synthetic" else (32, 32)) and len(dm.mean) == 3 and len(dm.std) == 3
+    assert dm.image_size == ((16, 16) if cfg_name == "synthetic" else (32, 32))
+    assert len(dm.mean) == 3 and len(dm.std) == 3
     if cfg_name == "cifar10":
         assert dm.root == (tmp_path / "cifar10").resolve() and dm.batch_size == 128
     if cfg_name == "synthetic":
