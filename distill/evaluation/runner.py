@@ -194,17 +194,16 @@ def open_session(cfg: DictConfig) -> Session:
 
 
 def _loader(session: Session, split: str, limit_batches: int | None):
-    """``(batches, number of batches, number of images)`` of the split: the data's loader, which
-    goes through the images in a fixed class-interleaved order (``BaseDataModule.test_images``),
-    so that with ``limit_batches`` its first batches still cover every class."""
+    """``(batches, number of batches)`` of the split: the data's loader, which goes through the
+    images in a fixed class-interleaved order (``BaseDataModule.test_images``), so that with
+    ``limit_batches`` its first batches still cover every class."""
     import itertools
 
     dm = session.datamodule
     loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
-    n_batches, n_images = len(loader), len(loader.dataset)
-    if limit_batches is None or limit_batches >= n_batches:
-        return loader, n_batches, n_images
-    return itertools.islice(loader, limit_batches), limit_batches, min(n_images, limit_batches * loader.batch_size)
+    if limit_batches is None or limit_batches >= len(loader):
+        return loader, len(loader)
+    return itertools.islice(loader, limit_batches), limit_batches
 
 
 def _dataset(session: Session, split: str):
@@ -279,7 +278,7 @@ def evaluate(cfg: DictConfig) -> dict:
     non_blocking = session.device.type == "cuda"
     from tqdm.auto import tqdm
 
-    loader, n_batches, _ = _loader(session, split, None if limit is None else int(limit))
+    loader, n_batches = _loader(session, split, None if limit is None else int(limit))
     for batch in tqdm(loader, total=n_batches, desc=f"evaluate ({split})", unit="batch", dynamic_ncols=True,
                       disable=not cfg.get("progress_bar", True)):
         images = batch[0].to(session.device, non_blocking=non_blocking)
