@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 
 # Lightning's rank-zero messages repeated by every Trainer of a run (teacher, then student).
-ONCE_PER_PROCESS = ("GPU available:", "TPU available:", "HPU available:")
+ONCE_PER_PROCESS = ("GPU available:", "TPU available:", "HPU available:", "LOCAL_RANK:")
 # Lightning's normal end of fit: the run's summary follows, so it says nothing new.
 DROPPED = ("`Trainer.fit` stopped: `max_epochs=",)
 
@@ -55,9 +55,10 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the "
                                               r"logging interval")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # "generated new fontManager" (first use)
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if _FILTER not in logger.filters:
-        logger.addFilter(_FILTER)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
 
 
 def quiet_choices(datamodule: Any, accelerator: str | None) -> None:
