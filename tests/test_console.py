@@ -174,3 +174,38 @@ def test_smoke_experiment_on_an_image_folder_end_to_end(tmp_path):
     (metrics_path,) = (tmp_path / "logs").rglob("metrics.json")
     record = json.loads(metrics_path.read_text())["test_images"]
     assert record == {**record, "used": 12, "of": 12, "partial": False}  # 12 test images < 2 batches of 32
+
+
+# ---------------------------------------------------------------------------- the filters themselves
+def test_library_filters_are_narrow():
+    import logging
+    import warnings
+
+    from distill.console import quiet_libraries
+
+    leafspec = "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)` instead."
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_libraries()
+        warnings.warn_explicit(leafspec, FutureWarning, "_pytree.py", 21, module="lightning.pytorch.utilities._pytree")
+        warnings.warn_explicit(leafspec, FutureWarning, "mine.py", 1, module="distill.mine")  # elsewhere: kept
+        warnings.warn_explicit("another deprecation", FutureWarning, "_pytree.py", 22,
+                               module="lightning.pytorch.utilities._pytree")  # another message: kept
+    kept = [(str(w.message), w.filename) for w in caught]
+    assert kept == [(leafspec, "mine.py"), ("another deprecation", "_pytree.py")]
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addHandler(handler)
+    old_level, logger.level = logger.level, logging.INFO
+    try:
+        gpu = "GPU available: True (a test device), used: True"  # a message no real Trainer logs
+        for message in (gpu, gpu, "`Trainer.fit` stopped: `max_epochs=2` reached.",
+                        "`Trainer.fit` stopped: `max_steps=5` reached.", "something else", "something else"):
+            logger.info(message)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert seen == [gpu, "`Trainer.fit` stopped: `max_steps=5` reached.", "something else", "something else"]
