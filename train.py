@@ -8,6 +8,10 @@
 import hydra
 from omegaconf import DictConfig
 
+from distill.cli_help import register
+
+register()  # --help (configs/hydra/default.yaml)
+
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:

@@ -6,11 +6,8 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
-
-from distill.explain import network_maps
 
 
 class EpochTimer(pl.Callback):
@@ -38,82 +35,79 @@ class EpochSeeding(pl.Callback):
 
 
 class ExplanationPanel(pl.Callback):
-    """Every ``every_n_epochs``, a panel of fixed validation images with the teacher's and the
-    student's maps side by side: to W&B (``val/explanations``), or as PNGs in ``out_dir``.
+    """Every ``every_n_epochs`` (and at the last epoch), a grid of fixed validation images with
+    the teacher's and the student's maps: to W&B (``val/explanations``) and as PNGs in ``out_dir``.
 
-    The images are the first ``num_images`` of the first validation batch, kept from the first
-    validation epoch on, so panels of different epochs show the same images.
+    The images are the first ``num_images`` of the validation set in its class-interleaved order
+    (``BaseDataModule.validation_images``: one image per class before any class repeats), the
+    same at every epoch. The grid is :mod:`distill.evaluation.grid`'s (as ``scripts/visualize.py``):
+    one row per image, titled columns (:meth:`columns`: image | teacher map | student map), the
+    label above the image and each model's prediction above its map (green when right),
+    ``cell_px`` pixels per cell. ``target="label"`` explains the label (as the loss does),
+    ``"pred"`` each model's own top-1 class.
     """
 
     def __init__(self, every_n_epochs: int = 10, num_images: int = 8, method: str = "gradcampp",
-                 out_dir: str | Path | None = None) -> None:
+                 out_dir: str | Path | None = None, cell_px: int = 128, target: str = "label") -> None:
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
         self.method = method
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.cell_px = int(cell_px)
+        self.target = target
         self.images: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if self.images is None and batch_idx == 0:
-            x, y = batch[0], batch[1]  # VOC evaluation batches also carry boxes
-            self.images, self.labels = x[: self.num_images].detach().cpu(), y[: self.num_images].detach().cpu()
+    def columns(self) -> list[tuple[str, str]]:
+        """The map columns after the image, as ``(whose map, method)`` (see ``distill.evaluation.grid``)."""
+        return [("teacher", self.method), ("student", self.method)]
+
+    def pick_images(self, trainer: pl.Trainer) -> None:
+        """Keep the first ``num_images`` of the validation set's class-interleaved order."""
+        dataset = trainer.datamodule.validation_images()
+        items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
+        self.images = torch.stack([torch.as_tensor(item[0]) for item in items])
+        self.labels = torch.stack([torch.as_tensor(item[1]) for item in items])  # (N,) or multi-hot (N, C)
 
     def _due(self, trainer: pl.Trainer) -> bool:
         last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
         return (trainer.current_epoch % self.every_n_epochs == 0) or last
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.images is None or trainer.sanity_checking or not trainer.is_global_zero or not self._due(trainer):
+        if trainer.sanity_checking or not trainer.is_global_zero or not self._due(trainer):
             return
-        panel = self.render(pl_module, trainer.datamodule)
-        caption = f"epoch {trainer.current_epoch}: image | teacher {self.method} | student {self.method}"
+        if self.images is None:
+            self.pick_images(trainer)
+        from distill.evaluation.grid import figure_array, save_figure
+
+        figure = self.render(pl_module, trainer.datamodule)
+        caption = f"epoch {trainer.current_epoch}: image | " + " | ".join(f"{who} {m}" for who, m in self.columns())
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image("val/explanations", [panel], step=trainer.global_step, caption=[caption])
+                logger.log_image("val/explanations", [figure_array(figure)], step=trainer.global_step,
+                                 caption=[caption])
         if self.out_dir is not None:
-            from PIL import Image
+            save_figure(figure, self.out_dir / f"explanations_epoch{trainer.current_epoch:03d}.png")
 
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(panel).save(self.out_dir / f"explanations_epoch{trainer.current_epoch:03d}.png")
-
-    @torch.no_grad()
-    def render(self, pl_module: pl.LightningModule, datamodule) -> np.ndarray:
-        """``(N*H, 3*W, 3)`` uint8: rows of image | teacher overlay | student overlay. Multi-hot
-        labels ``(N, C)`` (VOC): a titled grid, one column per positive class and model."""
-        from distill.explain.visual import denormalize, overlay
-
-        x = self.images.to(pl_module.device)
-        y = self.labels.to(pl_module.device)
-        if y.dim() == 2:
-            return self._render_multilabel(pl_module, datamodule, x, y)
-        columns = [denormalize(x, datamodule.mean, datamodule.std).clamp(0, 1)]
-        rgb = [(img.permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8) for img in columns[0]]
-        rows = []
-        maps = [self._maps(model, x, y) for model in (pl_module.teacher, pl_module.model)]
-        for i, img in enumerate(columns[0]):
-            rows.append(np.concatenate([rgb[i]] + [overlay(img.cpu(), m[i].cpu()) for m in maps], axis=1))
-        return np.concatenate(rows, axis=0)
-
-    def _maps(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        was_training = model.training
-        model.eval()
-        maps = network_maps(model, x, y, self.method)
-        model.train(was_training)
-        return maps
-
-    def _render_multilabel(self, pl_module: pl.LightningModule, datamodule, x: torch.Tensor,
-                           y: torch.Tensor) -> np.ndarray:
-        from distill.evaluation.grid import figure_array, grid_figure, multilabel_cells
+    def render(self, pl_module: pl.LightningModule, datamodule):
+        """The panel as a matplotlib ``Figure``: ``num_images * cell_px`` by ``(1 + columns) * cell_px`` pixels."""
+        from distill.evaluation.grid import explanation_cells, grid_figure, multilabel_cells
 
         models = (pl_module.teacher, pl_module.model)
         modes = [m.training for m in models]
         for m in models:
             m.eval()
         try:
-            rows = multilabel_cells(pl_module.model, x, y, datamodule.mean, datamodule.std, teacher=pl_module.teacher,
-                                    class_names=getattr(datamodule, "class_names", None), method=self.method)
+            x, y = self.images.to(pl_module.device), self.labels.to(pl_module.device)
+            names = getattr(datamodule, "class_names", None)
+            if y.dim() == 2:  # multi-hot (VOC): one column per positive class and model
+                rows = multilabel_cells(pl_module.model, x, y, datamodule.mean, datamodule.std,
+                                        teacher=pl_module.teacher, class_names=names, method=self.method)
+            else:
+                rows = explanation_cells(pl_module.model, x, y, datamodule.mean, datamodule.std,
+                                         teacher=pl_module.teacher, class_names=names, target=self.target,
+                                         columns=self.columns())
         finally:
             for m, mode in zip(models, modes, strict=True):
                 m.train(mode)
-        return figure_array(grid_figure(rows, cell_px=max(96, x.shape[-1]), dpi=100))
+        return grid_figure(rows, cell_px=self.cell_px)

@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from distill import console
 from distill.callbacks import EpochSeeding, EpochTimer, ExplanationPanel
 from distill.callbacks_localization import localization_callbacks
 from distill.checkpoints import AtomicCheckpointIO, load_network
@@ -89,6 +90,9 @@ def build_logger(cfg: DictConfig, run_name: str, run_dir: Path | None = None) ->
         if id_file is not None and id_file.is_file():
             node["id"], node["resume"] = id_file.read_text().strip(), "allow"
         Path(node["save_dir"]).mkdir(parents=True, exist_ok=True)
+        logger = instantiate(OmegaConf.create(node), "the logger (logger=...)",
+                             **console.wandb_settings(node["offline"]))
+        return console.without_anonymous(logger)
     return instantiate(OmegaConf.create(node), "the logger (logger=...)")
 
 
@@ -101,10 +105,7 @@ def remember_wandb_run(logger: Logger | None, run_dir: Path) -> None:
 def finish_logger(logger: Logger | None) -> None:
     if not isinstance(logger, WandbLogger) or rank_zero_only.rank != 0:  # DDP ranks > 0 have no W&B run
         return
-    if logger._offline:
-        log.info("W&B ran offline (no credentials). Sync it later with: wandb sync %s",
-                 Path(logger.experiment.dir).parent)
-    logger.experiment.finish()
+    logger.experiment.finish()  # offline: the run's summary prints the sync command (distill.console)
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -117,7 +118,7 @@ def build_trainer(cfg: DictConfig, logger: Logger | None, callbacks: list[pl.Cal
     return instantiate(
         OmegaConf.create(trainer_cfg), "the trainer (trainer=...)",
         logger=logger if logger is not None else False,
-        callbacks=[*callbacks, EpochTimer(), EpochSeeding(int(cfg.seed))],
+        callbacks=[*callbacks, EpochTimer(), EpochSeeding(int(cfg.seed)), console.CountTestImages()],
         plugins=[AtomicCheckpointIO(trusted=bool(cfg.get("trust_checkpoints", False)))],
         default_root_dir=str(output_dir(cfg)),
     )
@@ -313,13 +314,14 @@ def resolve_teacher(cfg: DictConfig, datamodule: pl.LightningDataModule) -> tupl
     else:
         path = default_teacher_checkpoint(cfg, datamodule)
         if not path.is_file():
-            log.warning("No teacher checkpoint at %s: training the %s teacher first (same data and "
-                        "trainer settings), then distilling.", path, model_label(cfg.teacher))
+            log.info("No teacher checkpoint at %s: training the %s teacher first (same data and "
+                     "trainer settings), then distilling.", path, model_label(cfg.teacher))
             teacher_dir = output_dir(cfg) / "teacher"
             teacher_cfg = cfg.copy()
             with open_dict(teacher_cfg):
                 teacher_cfg.ckpt_path = last_checkpoint(teacher_dir, trusted, bool(cfg.get("resume_fallback", False)),
                                                         "teacher's last.ckpt")
+                teacher_cfg.trainer.enable_model_summary = False  # one model summary per run: the student's
             if teacher_cfg.ckpt_path:
                 log.info("Resuming the teacher from its own last checkpoint %s", teacher_cfg.ckpt_path)
             train_teacher(teacher_cfg, datamodule, path, teacher_dir)
@@ -375,6 +377,7 @@ def quiet_lightning() -> None:
         lambda record: "litlogger" not in record.getMessage()
     )
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the frozen teacher
+    console.quiet_libraries()
 
 
 def run(cfg: DictConfig) -> dict:
@@ -394,6 +397,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.data.get("num_classes") is None:  # image folders count their class folders
         with open_dict(cfg):
             cfg.data.num_classes = int(datamodule.num_classes)
+    console.quiet_choices(datamodule, cfg.trainer.get("accelerator"))
     run_dir = output_dir(cfg)
     if cfg.stage == "teacher":
         target = Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else default_teacher_checkpoint(cfg, datamodule)
@@ -404,8 +408,10 @@ def run(cfg: DictConfig) -> dict:
         result = distill(cfg, datamodule)
     result["config"] = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
                         for k in ("stage", "seed", "teacher", "student", "explain", "kd")}
+    result["test_images"] = console.test_images_record(result["metrics"], datamodule)
     if rank_zero_only.rank == 0:  # one writer under DDP
         write_json(run_dir / "metrics.json", result)
+        console.report_run(result, run_dir)
     return result
 
 

@@ -13,6 +13,10 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, uninstalled
 
+from distill.cli_help import register  # noqa: E402
+
+register()  # --help (configs/hydra/default.yaml)
+
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:

@@ -105,12 +105,14 @@ def test_cifar_batches_shapes_dtypes_normalisation(cifar):
         x, y = next(iter(loader))
         assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32
         assert y.shape == (8,) and y.dtype == torch.int64
-    # test loader is unshuffled: its first image is test image 0, normalised exactly
+    # the test loader goes through a fixed (seeded) order of the test images, each normalised exactly
+    order = dm.test_dataloader().dataset.indices
+    assert sorted(order) == list(range(N_TEST))
     x, y = next(iter(dm.test_dataloader()))
-    expected = _normalise(raw["test_x"][0].reshape(3, 32, 32))
+    expected = _normalise(raw["test_x"][order[0]].reshape(3, 32, 32))
     torch.testing.assert_close(x[0], expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x[0].mean(dim=(1, 2)), expected.mean(dim=(1, 2)), atol=1e-5, rtol=0)
-    assert y.tolist() == raw["test_y"][:8].tolist()
+    assert y.tolist() == raw["test_y"][order[:8]].tolist()
     # val_split = 0 validates on the test split; train drops the last incomplete batch
     assert dm.val_set is dm.test_set
     assert len(dm.train_dataloader()) == (5 * N_PER_BATCH) // 8
@@ -263,8 +265,11 @@ def test_image_folder_loads(tmp_path):
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
     x, y = next(iter(dm.test_dataloader()))
-    assert y.tolist() == [0, 0, 1, 1]
-    pixels = np.asarray(Image.open(tmp_path / "test" / "cat" / "0000.jpg").convert("RGB"))
+    assert set(y.tolist()) == {0, 1, 2}  # the first batch holds every class, not 4 cats
+    first = dm.test_dataloader().dataset.indices[0]  # the test loader's first image, a file of test/
+    path, label = dm.test_set.samples[first]
+    assert int(y[0]) == label
+    pixels = np.asarray(Image.open(path).convert("RGB"))
     expected = _normalise(pixels.transpose(2, 0, 1).copy())
     torch.testing.assert_close(x[0], expected, atol=1e-5, rtol=1e-5)
 
@@ -272,7 +277,7 @@ def test_image_folder_loads(tmp_path):
 def test_val_subset_covers_every_class_of_a_sorted_folder(tmp_path):
     _write_tree(tmp_path, n_test=6)  # test images sorted by class: 6 cats, 6 dogs, 6 eels
     first = next(iter(_folder_dm(tmp_path, eval_batch_size=6).val_dataloader()))[1]
-    assert first.tolist() == [0] * 6  # what limit_val_batches=1 would validate on
+    assert sorted(first.tolist()) == [0, 0, 1, 1, 2, 2]  # what limit_val_batches=1 validates on
     dm = _folder_dm(tmp_path, val_subset=6, seed=3, eval_batch_size=6)
     labels = torch.cat([y for _, y in dm.val_dataloader()])
     assert len(labels) == 6 and set(labels.tolist()) == {0, 1, 2}
@@ -281,6 +286,51 @@ def test_val_subset_covers_every_class_of_a_sorted_folder(tmp_path):
     assert len(dm.test_set) == 18 and len(dm.test_dataloader().dataset) == 18  # the test keeps every image
     with pytest.raises(ConfigError, match="val_subset=19 exceeds the 18"):
         _folder_dm(tmp_path, val_subset=19).val_dataloader()
+
+
+def test_test_subset_covers_every_class_of_a_sorted_folder(tmp_path):
+    _write_tree(tmp_path, n_test=6)  # 6 cats, 6 dogs, 6 eels, sorted by class on disk
+    dm = _folder_dm(tmp_path, test_subset=9, seed=1, eval_batch_size=3)
+    batches = [y.tolist() for _, y in dm.test_dataloader()]
+    assert [sorted(b) for b in batches] == [[0, 1, 2]] * 3  # every batch: limit_test_batches is honest too
+    again = _folder_dm(tmp_path, test_subset=9, seed=1)
+    assert again.test_images().indices == dm.test_images().indices  # fixed by the seed
+    assert len(set(dm.test_images().indices)) == 9
+    whole = _folder_dm(tmp_path, seed=1).test_images().indices
+    assert sorted(whole) == list(range(18)) and whole[:9] == dm.test_images().indices  # a prefix of one order
+    assert len(dm.validation_images()) == 18  # test_subset leaves validation alone
+    with pytest.raises(ConfigError, match="test_subset=19 exceeds the 18"):
+        _folder_dm(tmp_path, test_subset=19).test_dataloader()
+    with pytest.raises(ConfigError, match="test_subset must be an integer >= 1"):
+        _folder_dm(tmp_path, test_subset=0)
+
+
+def test_class_interleaved_order_keeps_each_class_share_in_every_prefix():
+    from distill.data.base import class_interleaved_order
+
+    labels = [0] * 6 + [1] * 3  # class 0 has twice the images of class 1
+    order = class_interleaved_order(9, labels, seed=5)
+    assert sorted(order) == list(range(9))
+    for k in range(1, 10):  # hand count: class 1 holds ceil(k / 3) of the first k... within one of k/3
+        ones = sum(labels[i] for i in order[:k])
+        assert abs(ones - k / 3) <= 1, (k, ones)
+    assert {labels[i] for i in order[:2]} == {0, 1}  # the first C items: one of each class
+    assert class_interleaved_order(9, labels, seed=5) == order
+    assert class_interleaved_order(9, labels, seed=6) != order
+    assert sorted(class_interleaved_order(5, None, seed=0)) == list(range(5))  # no labels: a permutation
+
+
+def test_num_workers_null_uses_the_cpus_there_are(monkeypatch, tmp_path):
+    import os
+
+    from distill.data.base import auto_num_workers
+
+    for cpus, devices, expected in ((2, 1, 1), (16, 1, 8), (16, 4, 3), (1, 1, 1)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
+        assert auto_num_workers(devices) == expected, (cpus, devices)
+    _write_tree(tmp_path)
+    dm = _folder_dm(tmp_path, num_workers=None)
+    assert dm.num_workers is None and dm.loader_workers() == 1  # 2 CPUs (patched above: 1)
 
 
 def test_image_folder_resizes_to_image_size(tmp_path):
@@ -452,8 +502,9 @@ def test_data_configs_instantiate(cfg_name, cls, tmp_path):
         cfg.data.root = str(tmp_path / "tree")
     dm = hydra.utils.instantiate(cfg.data)
     assert type(dm) is cls and dm.seed == 7 and dm.name == cfg_name
-    assert dm.image_size == (32, 32) and len(dm.mean) == 3 and len(dm.std) == 3
+    assert dm.image_size == ((16, 16) if cfg_name == "synthetic" else (32, 32))
+    assert len(dm.mean) == 3 and len(dm.std) == 3
     if cfg_name == "cifar10":
         assert dm.root == (tmp_path / "cifar10").resolve() and dm.batch_size == 128
     if cfg_name == "synthetic":
-        assert (dm.num_train, dm.num_val, dm.batch_size, dm.num_workers) == (256, 64, 32, 0)
+        assert (dm.num_train, dm.num_val, dm.batch_size, dm.num_workers) == (128, 64, 32, 0)

@@ -250,6 +250,23 @@ def test_summary_mean_and_std_over_seeds_by_hand(tmp_path):
     assert [v["seeds"] for v in summary["variants"]] == [["0", "1"], ["0", "1"]]
 
 
+def test_summary_marks_jobs_tested_on_part_of_the_test_set(tmp_path):
+    fake_job(tmp_path, 0, "none", 0, 0.5, 0.8, 0.9)
+    fake_job(tmp_path, 1, "gradcam", 0, 0.25, 0.5, 0.8)
+    result = json.loads((tmp_path / "1" / "metrics.json").read_text())
+    result["test_images"] = {"used": 256, "of": 10000, "partial": True}
+    (tmp_path / "1" / "metrics.json").write_text(json.dumps(result))
+    (tmp_path / "0" / "evaluation.json").write_text(json.dumps(
+        {"metrics": {"num_images": 512}, "split_size": 10000, "partial": True}))
+    table = Path(summarize_multirun(tmp_path)["markdown"]).read_text()
+    assert "**Partial test sets**" in table
+    assert "- explain=gradcam: seed 0: test: 256 of 10,000 images" in table
+    assert "- explain=none: seed 0: evaluate.py: 512 of 10,000 images" in table
+    fake_job(tmp_path / "whole", 0, "none", 0, 0.5, 0.8, 0.9)
+    fake_job(tmp_path / "whole", 1, "gradcam", 0, 0.25, 0.5, 0.8)
+    assert "Partial" not in Path(summarize_multirun(tmp_path / "whole")["markdown"]).read_text()
+
+
 def test_summary_of_one_seed_shows_the_mean_only(tmp_path):
     fake_job(tmp_path, 0, "none", 0, 0.5, 0.8, 0.9)
     fake_job(tmp_path, 1, "gradcam", 0, 0.25, 0.5, 0.8)

@@ -86,6 +86,8 @@ def test_evaluate_a_distilled_student_with_its_recorded_teacher(trained, tmp_pat
     table = (tmp_path / "evaluation.md").read_text()
     assert "| student wrn16_1 |" in table and "| teacher wrn16_2 |" in table and "top-1 agreement %" in table
     assert "Grid pointing game, 2x2 grids" in table and "| LayerCAM |" in table
+    assert "| student wrn16_1 |" in proc.stdout and "Partial" not in table  # the table on screen; all 64 images
+    assert "evaluate (test)" in proc.stderr and "2/2" in proc.stderr  # the progress bar (2 batches of 32)
     (csv_file,) = tmp_path.rglob("metrics.csv")
     header = csv_file.read_text().splitlines()[0]
     assert "eval/gradcampp/average_drop_pct" in header and "eval/teacher/pointing_game_2x2/layercam_pct" in header
@@ -103,6 +105,8 @@ def test_evaluate_a_teacher_checkpoint_without_teacher_in_process(trained, tmp_p
                                              f"output_dir={tmp_path}", "device=cpu"])
     result = evaluate(cfg)
     assert result["teacher"] is None and result["metrics"]["num_images"] == 16
+    assert result["partial"] is True and result["split_size"] == 64
+    assert "**Partial test set: 16 of 64 images**" in (tmp_path / "evaluation.md").read_text()
     assert "agreement_pct" not in result["metrics"] and 0 <= result["metrics"]["gradcampp/average_drop_pct"] <= 100
     assert "No teacher" in (tmp_path / "evaluation.md").read_text()
 

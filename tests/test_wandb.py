@@ -87,7 +87,7 @@ def test_explanation_panels_land_in_the_offline_run_media(tmp_path):
     from PIL import Image
 
     panel = Image.open(images[-1])
-    assert panel.size == (3 * 16, 4 * 16)  # image | teacher | student, 4 rows of 16x16 smoke images
+    assert panel.size == (3 * 128, 4 * 128)  # image | teacher | student, 4 rows, 128 px per cell (cell_px)
     records = read_wandb_records(next(run_dir.glob("run-*.wandb")))
     history, _ = logged(records)
     assert any(key.startswith("val/explanations") for key in history)

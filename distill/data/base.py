@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from distill.data.on_device import DeviceBatches, UInt8Images
 from distill.errors import ConfigError
@@ -75,6 +75,58 @@ def seeded_subset(n: int, k: int, seed: int, what: str, items: str) -> list[int]
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
 
 
+def dataset_labels(dataset: Any) -> list[int] | None:
+    """The single-label class of every item of ``dataset``, read without loading images, or
+    None when it cannot be known that way (multi-label data, unknown dataset types)."""
+    if isinstance(dataset, Subset | TransformSubset):
+        base = dataset_labels(dataset.dataset if isinstance(dataset, Subset) else dataset.base)
+        indices = getattr(dataset, "indices", None)
+        if base is None or indices is None:
+            return base
+        return [base[i] for i in indices]
+    if isinstance(dataset, TensorDataset):
+        labels = dataset.tensors[1]
+    elif isinstance(dataset, UInt8Images):
+        labels = dataset.labels
+    else:
+        labels = getattr(dataset, "targets", None)  # torchvision's ImageFolder, CIFAR10
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels)
+    return labels.tolist() if labels.dim() == 1 else None
+
+
+def class_interleaved_order(n: int, labels: Sequence[int] | None, seed: int) -> list[int]:
+    """A fixed order of ``range(n)`` whose every prefix is a stratified sample of the classes.
+
+    Each class's items are shuffled (seeded); item ``j`` of a class of size ``n_c`` gets the key
+    ``j / n_c`` and the items are sorted by key (ties in a seeded random order): every class
+    keeps its share of any prefix (systematic stratified sampling), and the first ``C`` items
+    are one of each class. So the first batches (``limit_val_batches``, ``limit_test_batches``)
+    and the first ``k`` items (``val_subset``, ``test_subset``) see every class. Without
+    ``labels``: a seeded random permutation.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen).tolist()
+    if labels is None:
+        return perm
+    by_class: dict[int, list[int]] = {}
+    for i in perm:
+        by_class.setdefault(int(labels[i]), []).append(i)
+    tiebreak = {i: rank for rank, i in enumerate(torch.randperm(n, generator=gen).tolist())}
+    keyed = [(j / len(items), tiebreak[i], i) for items in by_class.values() for j, i in enumerate(items)]
+    return [i for _, _, i in sorted(keyed)]
+
+
+def auto_num_workers(local_world_size: int = 1, cap: int = 8) -> int:
+    """``data.num_workers=null``: the CPUs this process may use per device, one left for the
+    training process (Lightning's own suggestion, so it never warns about too few workers),
+    at most ``cap``."""
+    from lightning.fabric.utilities.data import suggested_max_num_workers
+
+    return min(cap, suggested_max_num_workers(max(1, local_world_size)))
+
+
 def _check_int(value: Any, what: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"data.{what} must be an integer >= {minimum}, got {value!r}")
@@ -100,11 +152,12 @@ class BaseDataModule(pl.LightningDataModule):
         num_classes: int | None,
         batch_size: int = 128,
         eval_batch_size: int | None = None,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         seed: int = 0,
         train_subset: int | None = None,
         val_split: float = 0.0,
         val_subset: int | None = None,
+        test_subset: int | None = None,
         augment: bool = True,
         on_device: bool = False,
     ):
@@ -118,7 +171,8 @@ class BaseDataModule(pl.LightningDataModule):
             if eval_batch_size is None
             else _check_int(eval_batch_size, "eval_batch_size", 1)
         )
-        self.num_workers = _check_int(num_workers, "num_workers", 0)
+        # None: auto_num_workers() when a loader is built (it knows the devices per machine then)
+        self.num_workers = None if num_workers is None else _check_int(num_workers, "num_workers", 0)
         self.seed = _check_int(seed, "seed", 0)
         self.train_subset = (
             None if train_subset is None else _check_int(train_subset, "train_subset", 1)
@@ -136,6 +190,7 @@ class BaseDataModule(pl.LightningDataModule):
             )
         self.val_split = val_split
         self.val_subset = None if val_subset is None else _check_int(val_subset, "val_subset", 1)
+        self.test_subset = None if test_subset is None else _check_int(test_subset, "test_subset", 1)
         self.augment = bool(augment)
         self.on_device = bool(on_device)  # uint8 images on the training device, no workers
         self.class_names: list[str] | None = None
@@ -209,10 +264,17 @@ class BaseDataModule(pl.LightningDataModule):
             sampler=sampler,
             generator=sampler.generator if train else None,
             drop_last=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=self.loader_workers(),
+            persistent_workers=self.loader_workers() > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def loader_workers(self) -> int:
+        """``num_workers``, or with ``num_workers=None`` what the machine has (:func:`auto_num_workers`)."""
+        if self.num_workers is not None:
+            return self.num_workers
+        devices = getattr(self.trainer, "num_devices", 1) if self.trainer is not None else 1
+        return auto_num_workers(devices)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
@@ -229,26 +291,36 @@ class BaseDataModule(pl.LightningDataModule):
         return self._loader(self.validation_images(), self.eval_batch_size, train=False)
 
     def validation_images(self) -> Dataset:
-        """``val_set``, or with ``val_subset`` a fixed random part of it. Unlike the Trainer's
-        ``limit_val_batches`` (the first batches: on a class-sorted folder, the first classes),
-        the subset covers every class."""
+        """``val_set`` in a fixed class-interleaved order (:func:`class_interleaved_order`), or with
+        ``val_subset`` the first ``val_subset`` of that order. Unlike a plain ``limit_val_batches``
+        on a class-sorted folder (the first classes only), both cover every class."""
         self.setup("validate")
         assert self.val_set is not None
-        if self.val_subset is None:
-            return self.val_set
-        pick = seeded_subset(len(self.val_set), self.val_subset, self.seed + 2, "val_subset", "validation images")
-        if isinstance(self.val_set, UInt8Images):  # data.on_device=true reads whole tensors
-            return UInt8Images(self.val_set.images, self.val_set.labels, self.val_set.mean, self.val_set.std, pick)
-        return Subset(self.val_set, pick)
+        return self.evaluation_view(self.val_set, self.val_subset, self.seed + 2, "val_subset", "validation images")
 
-    def test_dataloader(self) -> DataLoader:
+    def test_images(self) -> Dataset:
+        """``test_set`` in a fixed class-interleaved order, or its first ``test_subset`` (as
+        :meth:`validation_images`)."""
         self.setup("test")
         assert self.test_set is not None
-        return self._loader(self.test_set, self.eval_batch_size, train=False)
+        return self.evaluation_view(self.test_set, self.test_subset, self.seed + 3, "test_subset", "test images")
+
+    @staticmethod
+    def evaluation_view(dataset: Dataset, subset: int | None, seed: int, what: str, items: str) -> Dataset:
+        n = len(dataset)
+        if subset is not None and subset > n:
+            raise ConfigError(f"data.{what}={subset} exceeds the {n} {items}; lower it or set data.{what}=null")
+        order = class_interleaved_order(n, dataset_labels(dataset), seed)[:subset]
+        if isinstance(dataset, UInt8Images):  # data.on_device=true reads whole tensors
+            return UInt8Images(dataset.images, dataset.labels, dataset.mean, dataset.std, order)
+        return Subset(dataset, order)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_images(), self.eval_batch_size, train=False)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(name={self.name!r}, num_classes={self.num_classes}, "
             f"batch_size={self.batch_size}, val_split={self.val_split}, "
-            f"train_subset={self.train_subset}, val_subset={self.val_subset})"
+            f"train_subset={self.train_subset}, val_subset={self.val_subset}, test_subset={self.test_subset})"
         )

@@ -185,7 +185,6 @@ class VOC2007DataModule(BaseDataModule):
                 f"PASCAL VOC has 20 classes but data.num_classes={num_classes!r}; set data.num_classes=20"
             )
         common.setdefault("batch_size", 32)
-        common.setdefault("num_workers", 4)
         super().__init__(name=name, num_classes=num_classes, **common)
         try:
             self.image_size: tuple[int, int] = to_size(image_size)
@@ -304,8 +303,8 @@ class VOC2007DataModule(BaseDataModule):
             batch_size=batch_size,
             shuffle=train,
             drop_last=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=self.loader_workers(),
+            persistent_workers=self.loader_workers() > 0,
             pin_memory=torch.cuda.is_available(),
             collate_fn=voc_collate,
         )

@@ -1,12 +1,12 @@
 """A picture grid of explanations: one row per image (matplotlib, no display needed).
 
-Columns, with a teacher: the image | teacher Grad-CAM | teacher Grad-CAM++ | student
+Columns by default, with a teacher: the image | teacher Grad-CAM | teacher Grad-CAM++ | student
 Grad-CAM++ | student Guided Grad-CAM++. Without a teacher (a teacher or baseline checkpoint):
-the image | Grad-CAM | Grad-CAM++ | Guided Grad-CAM++ of the one model. The image's title is
-its label; each map's title is the method and the predicted class of the model it explains,
+the image | Grad-CAM | Grad-CAM++ | Guided Grad-CAM++ of the one model. ``columns`` picks
+others (the training panel: image | teacher Grad-CAM++ | student Grad-CAM++). The image's title is
+its label; each map's title is whose map it is, the method and that model's predicted class,
 green when it is the label and red otherwise. By default every model explains its own top-1 class
-(``target="pred"``); with ``target="label"`` all maps explain the label (the title then also
-says which class the map shows).
+(``target="pred"``); with ``target="label"`` all maps explain the label (the image's title says so).
 
 Multi-label (VOC) images get :func:`multilabel_cells` instead: one column per positive class
 (teacher's and student's Grad-CAM++), titled with the class name and the sigmoid score.
@@ -66,6 +66,13 @@ def _name(index: int, class_names: Sequence[str] | None) -> str:
     return str(index)
 
 
+# Columns as (whose map, method): "teacher" / "student", or "" for the one model of a grid
+# without a teacher; method "gradcam" | "gradcampp" | "guided" (Guided Grad-CAM++).
+TEACHER_COLUMNS = (("teacher", "gradcam"), ("teacher", "gradcampp"), ("student", "gradcampp"), ("student", "guided"))
+ALONE_COLUMNS = (("", "gradcam"), ("", "gradcampp"), ("", "guided"))
+TITLES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "guided": "Guided Grad-CAM++"}
+
+
 def explanation_cells(
     model: nn.Module,
     images: Tensor,
@@ -75,47 +82,48 @@ def explanation_cells(
     teacher: nn.Module | None = None,
     class_names: Sequence[str] | None = None,
     target: str = "pred",
+    columns: Sequence[tuple[str, str]] | None = None,
 ) -> list[list[Cell]]:
-    """The grid's cells, one row per image (see the module docstring for the columns).
+    """The grid's cells, one row per image: the image, then one cell per ``columns`` entry
+    (default :data:`TEACHER_COLUMNS` with a teacher, :data:`ALONE_COLUMNS` without).
 
     ``images`` ``(B, 3, H, W)`` normalised with ``mean``/``std`` (``None``: already in
     ``[0, 1]``), ``labels`` ``(B,)``; models in eval mode, on the images' device.
     """
     if target not in TARGETS:
         raise ValueError(f"target '{target}' is unknown; choose one of {TARGETS}")
+    columns = tuple(columns) if columns is not None else TEACHER_COLUMNS if teacher is not None else ALONE_COLUMNS
+    nets = {"teacher": teacher, "student": model, "": model}
     labels = labels.long().to(images.device)
     pixels = images if mean is None else denormalize(images, mean, std)
-    columns: list[tuple[str, str, Tensor, Tensor, bool]] = []  # (who, method, pictures, preds, is_map)
+    forwards: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # who -> (features, preds, explained class)
+    pictures: list[tuple[str, str, Tensor, Tensor, bool]] = []  # (who, method, pictures, preds, is_map)
+    for who, method in columns:
+        net = nets.get(who)
+        if net is None or method not in TITLES:
+            raise ValueError(f"column {(who, method)!r}: no such model or method (methods: {sorted(TITLES)})")
+        if who not in forwards:
+            features, logits = forward_explainable(net, images)
+            pred = logits.argmax(dim=1)
+            forwards[who] = (features, pred, pred if target == "pred" else labels)
+        features, pred, explained = forwards[who]
+        if method == "guided":
+            pictures.append((who, method, stretch_guided(guided_gradcam(net, images, explained, "gradcampp")),
+                             pred, False))
+        else:
+            pictures.append((who, method, head_maps(net, features, explained, method), pred, True))
 
-    def explain(who: str, net: nn.Module, methods: Sequence[str], guided: bool) -> None:
-        features, logits = forward_explainable(net, images)
-        pred = logits.argmax(dim=1)
-        explained = pred if target == "pred" else labels
-        for method in methods:
-            columns.append((who, method, head_maps(net, features, explained, method), pred, True))
-        if guided:
-            picture = stretch_guided(guided_gradcam(net, images, explained, "gradcampp"))
-            columns.append((who, "guided", picture, pred, False))
-
-    if teacher is not None:
-        explain("teacher", teacher, ("gradcam", "gradcampp"), guided=False)
-        explain("student", model, ("gradcampp",), guided=True)
-    else:
-        explain("", model, ("gradcam", "gradcampp"), guided=True)
-
-    titles = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "guided": "Guided Grad-CAM++"}
     rgb = _rgb(pixels)
     labels_cpu = labels.cpu().tolist()
-    columns_cpu = [(who, method, pics.detach().cpu(), preds.cpu().tolist(), is_map)
-                   for who, method, pics, preds, is_map in columns]
+    pictures_cpu = [(who, method, pics.detach().cpu(), preds.cpu().tolist(), is_map)
+                    for who, method, pics, preds, is_map in pictures]
     rows = []
     for i, label in enumerate(labels_cpu):
-        row = [Cell(rgb[i], f"image\nlabel: {_name(label, class_names)}")]
-        for who, method, pics, preds, is_map in columns_cpu:
+        explains = "\n(the maps explain it)" if target == "label" else ""
+        row = [Cell(rgb[i], f"image, label: {_name(label, class_names)}{explains}")]
+        for who, method, pics, preds, is_map in pictures_cpu:
             pred = preds[i]
-            title = f"{titles[method]}\n" + f"{who} pred: {_name(pred, class_names)}".strip()
-            if target == "label":
-                title += f" (map: {_name(label, class_names)})"
+            title = f"{who} {TITLES[method]}".strip() + f"\npred: {_name(pred, class_names)}"
             picture = overlay(pixels[i].cpu(), pics[i]) if is_map else _rgb(pics[i : i + 1])[0]
             row.append(Cell(picture, title, GREEN if pred == label else RED, smooth=is_map))
         rows.append(row)
@@ -220,18 +228,21 @@ def explanation_grid(
     target: str = "pred",
     cell_px: int = 128,
     dpi: int = 100,
+    columns: Sequence[tuple[str, str]] | None = None,
 ):
     """:func:`explanation_cells` (``labels`` ``(B,)``) or :func:`multilabel_cells` (multi-hot
     ``labels`` ``(B, C)``) laid out by :func:`grid_figure`; returns the figure."""
     if labels.dim() == 2:
         rows = multilabel_cells(model, images, labels, mean, std, teacher, class_names)
     else:
-        rows = explanation_cells(model, images, labels, mean, std, teacher, class_names, target)
+        rows = explanation_cells(model, images, labels, mean, std, teacher, class_names, target, columns)
     return grid_figure(rows, cell_px, dpi)
 
 
 __all__ = [
+    "ALONE_COLUMNS",
     "Cell",
+    "TEACHER_COLUMNS",
     "TARGETS",
     "explanation_cells",
     "explanation_grid",

@@ -121,6 +121,10 @@ def evaluation_markdown(result: dict) -> str:
         f"{m['num_images']} images, explained class: the model's top-1.",
         "",
     ]
+    if result.get("partial"):
+        lines += [f"**Partial {result['split']} set: {m['num_images']:,} of {result['split_size']:,} images** "
+                  "(a fixed class-covering subset: `data.test_subset` / `limit_batches`); not comparable to "
+                  "whole-set numbers.", ""]
     headers = ["model", "accuracy %"]
     for method in ("gradcam", "gradcampp"):
         headers += [f"Avg Drop % {METHOD_NAMES[method]} (lower)", f"Incr. Conf. % {METHOD_NAMES[method]} (higher)"]
@@ -179,6 +183,7 @@ class Run:
     settings: dict[str, str]  # what may tell variants apart
     metrics: dict[str, float]  # train.py's metrics.json plus `eval:<key>` from evaluation.json
     variant: str = ""
+    partial: str = ""  # e.g. "test: 1,000 of 10,000 images" when a metric saw part of its split only
 
 
 @dataclass
@@ -208,6 +213,7 @@ class VariantSummary:
     variant: str
     seeds: list[Any]
     stats: dict[str, tuple[float, float | None]] = field(default_factory=dict)  # key -> (mean, std)
+    partial: list[str] = field(default_factory=list)  # Run.partial of its runs that have one
 
 
 def _job_sort_key(path: Path) -> tuple:
@@ -239,12 +245,27 @@ def _recorded_settings(result: dict) -> dict[str, str]:
     return settings
 
 
-def _eval_metrics(job_dir: Path) -> dict[str, float]:
+def _evaluation(job_dir: Path) -> dict:
     for path in (job_dir / "evaluation.json", job_dir / "evaluation" / "evaluation.json"):
         if path.is_file():
-            metrics = json.loads(path.read_text()).get("metrics", {})
-            return {f"eval:{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+            return json.loads(path.read_text())
     return {}
+
+
+def _eval_metrics(job_dir: Path) -> dict[str, float]:
+    metrics = _evaluation(job_dir).get("metrics", {})
+    return {f"eval:{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def _partial(result: dict, evaluation: dict) -> str:
+    """What part of its split a job's test metrics (metrics.json) and evaluation.json saw, when not all."""
+    notes = []
+    record = result.get("test_images") or {}
+    if record.get("partial"):
+        notes.append(f"test: {record['used']:,} of {record['of']:,} images")
+    if evaluation.get("partial"):
+        notes.append(f"evaluate.py: {evaluation['metrics']['num_images']:,} of {evaluation['split_size']:,} images")
+    return "; ".join(notes)
 
 
 def collect_runs(root: str | Path) -> list[Run]:
@@ -266,7 +287,7 @@ def collect_runs(root: str | Path) -> list[Run]:
         metrics = {k: float(v) for k, v in result.get("metrics", {}).items() if isinstance(v, int | float)}
         metrics.update(_eval_metrics(job_dir))
         seed = settings.get("seed", recorded["seed"])
-        runs.append(Run(job_dir, seed, settings, metrics))
+        runs.append(Run(job_dir, seed, settings, metrics, partial=_partial(result, _evaluation(job_dir))))
     finished = {run.job_dir for run in runs}
     unfinished = [d for d in sorted(root.iterdir(), key=_job_sort_key)
                   if d.is_dir() and d.name.isdigit() and d not in finished]
@@ -302,6 +323,7 @@ def summarize_runs(runs: list[Run], columns: Sequence[Column] = COLUMNS) -> list
         summaries.setdefault(run.variant, VariantSummary(run.variant, [])).seeds.append(run.seed)
     for summary in summaries.values():
         members = [run for run in runs if run.variant == summary.variant]
+        summary.partial = [f"seed {run.seed}: {run.partial}" for run in members if run.partial]
         for column in columns:
             source = column.derived_from or column.key
             values = [run.metrics[source] for run in members if source in run.metrics]
@@ -326,10 +348,13 @@ def summary_markdown(summaries: list[VariantSummary], root: str | Path, columns:
             mean, std = s.stats[c.key]
             cells.append(_fmt(mean, c.digits) if std is None else f"{_fmt(mean, c.digits)} ± {_fmt(std, c.digits)}")
         rows.append(cells)
+    partial = [f"- {s.variant}: " + ", ".join(s.partial) for s in summaries if s.partial]
+    note = ("\n**Partial test sets** (`data.test_subset` / `limit_test_batches` / `limit_batches`): not comparable "
+            "to whole-test-set numbers.\n\n" + "\n".join(partial) + "\n") if partial else ""
     return (
         f"# Ablation summary of `{root}`\n\n"
         "Mean ± sample standard deviation over seeds (test split, final weights); one seed: mean only.\n\n"
-        + markdown_table(headers, rows)
+        + markdown_table(headers, rows) + note
     )
 
 

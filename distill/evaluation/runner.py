@@ -129,6 +129,8 @@ def build_datamodule(hparams: dict, overrides: dict | None, batch_size: int | No
         raise ConfigError(f"split '{split}' is unknown; choose test or val")
     node = dict((hparams.get("config") or {}).get("data") or {})
     node.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    # The whole test split unless asked otherwise: the training run's quick test_subset is not reused.
+    node["test_subset"] = (overrides or {}).get("test_subset")
     if not node.get("_target_"):
         raise ConfigError("the checkpoint records no data config: give one with data._target_=... and its "
                           "arguments (+data.KEY=VALUE)")
@@ -192,22 +194,17 @@ def open_session(cfg: DictConfig) -> Session:
     return Session(student, teacher, datamodule, device)
 
 
-def _loader(session: Session, split: str, limit_batches: int | None, seed: int = 0):
-    """The split's loader; with ``limit_batches``, a fixed random subset of
-    ``limit_batches * batch size`` images (seeded), not the first ones: image folders are
-    sorted by class, so the first batches would hold one class only."""
+def _loader(session: Session, split: str, limit_batches: int | None):
+    """``(batches, number of batches)`` of the split: the data's loader, which goes through the
+    images in a fixed class-interleaved order (``BaseDataModule.test_images``), so that with
+    ``limit_batches`` its first batches still cover every class."""
+    import itertools
+
     dm = session.datamodule
     loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
-    dataset = loader.dataset
-    if limit_batches is None or limit_batches * loader.batch_size >= len(dataset):
-        return loader
-    import torch
-    from torch.utils.data import DataLoader, Subset
-
-    generator = torch.Generator().manual_seed(seed)
-    picked = torch.randperm(len(dataset), generator=generator)[: limit_batches * loader.batch_size]
-    return DataLoader(Subset(dataset, sorted(picked.tolist())), batch_size=loader.batch_size, shuffle=False,
-                      num_workers=loader.num_workers, pin_memory=loader.pin_memory, collate_fn=loader.collate_fn)
+    if limit_batches is None or limit_batches >= len(loader):
+        return loader, len(loader)
+    return itertools.islice(loader, limit_batches), limit_batches
 
 
 def _dataset(session: Session, split: str):
@@ -318,7 +315,9 @@ def _write_result(cfg: DictConfig, session: Session, metrics: dict, extra: dict)
         **extra,
     }
     json_path = write_json(out / "evaluation.json", result)
-    md_path = write_text(out / "evaluation.md", evaluation_markdown(result))
+    markdown = evaluation_markdown(result)
+    md_path = write_text(out / "evaluation.md", markdown)
+    print("\n" + markdown.split("\nConventions:")[0].rstrip() + "\n", flush=True)
     log.info("evaluation of %s on %d images: %s and %s", session.student.path, metrics["num_images"],
              json_path, md_path)
     _log_results(cfg, _run_name("eval", session.student),
@@ -343,9 +342,11 @@ def _evaluate_multilabel(cfg: DictConfig, session: Session, limit: int | None, s
     scores = ScoreAccumulator().to(session.device)
     ap = {prefix: task.score_metric().to(session.device) for prefix in ("", "teacher/")[: 1 + (teacher is not None)]}
     non_blocking = session.device.type == "cuda"
-    loader = _loader(session, split, None if limit is None else int(limit), int(cfg.get("seed", 0)))
+    loader, _ = _loader(session, split, None if limit is None else int(limit))
+    num_images = 0
     for batch in loader:
         batch = [t.to(session.device, non_blocking=non_blocking) for t in batch]
+        num_images += batch[0].shape[0]
         batch_scores, logits = evaluate_multilabel_batch(
             session.student.model, batch, mean, std, teacher=teacher, deltas=deltas,
             explain_teacher=bool(cfg.get("explain_teacher", True)),
@@ -353,14 +354,15 @@ def _evaluate_multilabel(cfg: DictConfig, session: Session, limit: int | None, s
         scores.update(batch_scores)
         for prefix, metric in ap.items():
             metric.update(logits[prefix], batch[1])
-    if not len(loader.dataset):
+    if not num_images:
         raise ConfigError(f"the {split} split has no images to evaluate")
     metrics = scores.compute()
-    metrics["num_images"] = len(loader.dataset)
+    metrics["num_images"] = num_images
     for prefix, metric in ap.items():
         metrics[f"{prefix}{task.score_name}"] = float(metric.compute())
     return _write_result(cfg, session, metrics, {
         "task": task.name, "score_name": task.score_name, "split": split, "limit_batches": limit,
+        "split_size": len(_dataset(session, split)), "partial": num_images < len(_dataset(session, split)),
         "loc_deltas": list(deltas), "similarity_target": "label", "conventions": ML_CONVENTIONS})
 
 
@@ -394,9 +396,12 @@ def evaluate(cfg: DictConfig) -> dict:
     teacher = session.teacher.model if session.teacher is not None else None
     scores = ScoreAccumulator().to(session.device)
     non_blocking = session.device.type == "cuda"
-    loader = _loader(session, split, None if limit is None else int(limit), int(cfg.get("seed", 0)))
+    from tqdm.auto import tqdm
+
+    loader, n_batches = _loader(session, split, None if limit is None else int(limit))
     all_labels, correct = [], []  # for the pointing game's grids: the judged images' labels
-    for batch in loader:
+    for batch in tqdm(loader, total=n_batches, desc=f"evaluate ({split})", unit="batch", dynamic_ncols=True,
+                      disable=not cfg.get("progress_bar", True)):
         images = batch[0].to(session.device, non_blocking=non_blocking)
         labels = batch[1].to(session.device, non_blocking=non_blocking)
         batch_scores = evaluate_batch(session.student.model, images, labels, mean, std, teacher=teacher,
@@ -416,8 +421,9 @@ def evaluate(cfg: DictConfig) -> dict:
     if "teacher/accuracy_pct" in metrics:
         metrics["teacher/error_pct"] = 100.0 - metrics["teacher/accuracy_pct"]
     return _write_result(cfg, session, metrics, {
-        "pointing_game": game, "split": split, "limit_batches": limit, "similarity_target": similarity,
-        "conventions": CONVENTIONS})
+        "pointing_game": game, "split": split, "split_size": len(_dataset(session, split)),
+        "partial": metrics["num_images"] < len(_dataset(session, split)), "limit_batches": limit,
+        "similarity_target": similarity, "conventions": CONVENTIONS})
 
 
 def visualize(cfg: DictConfig) -> Path:
