@@ -139,13 +139,16 @@ class ClassifierModule(pl.LightningModule):
         return False
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        """Stop as soon as an optimizer step made a parameter non-finite (e.g. a NaN learning
-        rate): such weights would otherwise be validated, skipped over and checkpointed."""
-        params = [p.detach() for p in self.trainable_parameters()]
-        if params and not torch.stack([torch.isfinite(p).all() for p in params]).all():
+        """Stop as soon as a step made the network's parameters or statistics (BatchNorm running
+        mean / var) non-finite, e.g. a huge learning rate: such weights would otherwise be
+        validated, skipped over and checkpointed."""
+        state = [p.detach() for p in self.trainable_parameters()]
+        state += [b for b in self.model.buffers() if b.is_floating_point()]
+        # max |x| per tensor in one fused kernel (NaN and inf propagate, no overflow), then one host sync
+        if state and not torch.isfinite(torch.stack(torch._foreach_norm(state, float("inf")))).all():
             raise NonFiniteLossError(
-                f"the parameters became non-finite at step {self.global_step} (epoch {self.current_epoch}), "
-                "after an optimizer step: lower the learning rate (optim.optimizer.lr) or the loss weights"
+                f"the network's parameters or BatchNorm statistics became non-finite at step {self.global_step} "
+                f"(epoch {self.current_epoch}): lower the learning rate (optim.optimizer.lr) or the loss weights"
             )
 
     def log_train_score(self, logits: Tensor, target: Tensor) -> None:

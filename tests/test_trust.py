@@ -237,8 +237,22 @@ def test_non_finite_parameters_stop_the_run_naming_the_step():
     module.on_train_batch_end(None, None, 0)  # finite: nothing happens
     with torch.no_grad():
         next(module.model.parameters())[0].fill_(float("nan"))
-    with pytest.raises(NonFiniteLossError, match=r"parameters became non-finite at step 0 \(epoch 0\)"):
+    with pytest.raises(NonFiniteLossError, match=r"parameters or BatchNorm statistics became non-finite at step 0"):
         module.on_train_batch_end(None, None, 0)
+
+
+@pytest.mark.slow
+def test_skip_mode_with_a_huge_learning_rate_stops_and_writes_no_non_finite_weights(tmp_path):
+    from distill.run import run
+
+    cfg = compose_config(tmp_path, ["experiment=smoke", "logger=none", "stage=teacher", "optim.optimizer.lr=1e30",
+                                    "trainer.skip_nonfinite=true", f"teacher.checkpoint={tmp_path / 'teacher.ckpt'}"])
+    with pytest.raises(NonFiniteLossError, match=r"became non-finite at step \d+ \(epoch 0\)"):
+        run(cfg)
+    for path in tmp_path.rglob("*.ckpt"):
+        state = read_checkpoint(path)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path
+    assert not (tmp_path / "teacher.ckpt").exists() and not (tmp_path / "metrics.json").exists()
 
 
 @pytest.mark.slow
