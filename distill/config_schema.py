@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from distill.errors import ConfigError, os_cause
 
 # Names other modules define (kept in sync by tests/test_config_schema.py, so the schema never imports torch).
-EXPLAIN_METHODS = ("cam", "gradcam", "gradcampp")  # distill.explain.maps.METHODS
+EXPLAIN_METHODS = ("cam", "gradcam", "gradcampp", "hirescam", "xgradcam", "layercam")  # distill.explain.maps.METHODS
 INTERPRET_LOSSES = ("paper", "normalized", "cosine")  # distill.losses.interpret.INTERPRET_LOSSES
 STAGES = ("teacher", "baseline", "distill")  # distill.run.STAGES
 
@@ -66,14 +66,15 @@ class DataBase(Strict):
 
     target: str = Field(alias="_target_")
     name: str
-    num_classes: PosInt
+    num_classes: PosInt | None = None  # None: counted from the class folders (image folders)
     batch_size: PosInt
     eval_batch_size: PosInt | None = None
-    num_workers: NonNegInt = 0
+    num_workers: NonNegInt | None = None  # None: the CPUs per device, minus one
     seed: int = 0
     val_split: Annotated[float, Field(ge=0, lt=1)] = 0.0
     train_subset: PosInt | None = None
     val_subset: PosInt | None = None
+    test_subset: PosInt | None = None
     augment: bool = True
 
 
@@ -89,6 +90,10 @@ class ImageFolderData(DataBase):
     mean: list[float] = Field(min_length=1, max_length=3)
     std: list[PosFloat] = Field(min_length=1, max_length=3)
     on_device: bool = False
+
+
+class ImageNetData(ImageFolderData):
+    resize: PosInt = 256
 
 
 class SyntheticData(DataBase):
@@ -117,6 +122,8 @@ class OtherData(DataBase):
 
 DATA: dict[str, type[DataBase]] = {
     "distill.data.CIFAR10DataModule": CifarData,
+    "distill.data.CIFAR100DataModule": CifarData,
+    "distill.data.ImageNetDataModule": ImageNetData,
     "distill.data.ImageFolderDataModule": ImageFolderData,
     "distill.data.SyntheticDataModule": SyntheticData,
     "distill.data.VOC2007DataModule": VocData,
@@ -168,6 +175,9 @@ class KD(Strict):
     kd_weight: NonNegFloat = 0.0
     temperature: PosFloat = 4.0
     at_weight: NonNegFloat = 0.0
+    dkd_alpha: NonNegFloat = 0.0  # DKD (Zhao et al., 2022): weight of TCKD
+    dkd_beta: NonNegFloat = 0.0  # weight of NCKD
+    dkd_warmup: NonNegInt = 0  # epochs of linear warm-up of the DKD term
 
 
 # ------------------------------------------------------------------------------------------- optim
@@ -263,6 +273,8 @@ class Panel(Strict):
     every_n_epochs: PosInt
     num_images: PosInt
     method: Method = "gradcampp"
+    target: Literal["label", "pred"] = "label"
+    cell_px: PosInt = 128
 
 
 class Common(Strict):
@@ -308,12 +320,23 @@ class Scripts(Common):
     output_dir: str
 
 
+class PointingGame(Strict):
+    """Checked in full by ``distill.evaluation.pointing`` (its messages list what is allowed)."""
+
+    grid: int | None = None
+    num_grids: PosInt = 500
+    grids_per_batch: PosInt = 16
+    methods: list[str] = []
+
+
 class Evaluate(Scripts):
     batch_size: PosInt | None = 256
     limit_batches: PosInt | None = None
     seed: int = 0
     similarity_target: Literal["label", "student_pred", "teacher_pred"] = "label"
     explain_teacher: bool = True
+    progress_bar: bool = True
+    pointing_game: PointingGame = PointingGame()
 
 
 class Visualize(Scripts):
@@ -481,18 +504,17 @@ def check_model_options(cfg: DictConfig) -> None:
     """
     import torch
 
-    from distill.models import MODELS, build_model
+    from distill.models import MODELS, build_model, model_options
 
     for role in ("teacher", "student"):
         node = OmegaConf.to_container(cfg[role], resolve=True)
         name = node["name"]
         if name not in MODELS:
             raise ConfigError(f"{role}.name={name!r} is not a registered model; allowed: {', '.join(sorted(MODELS))}")
-        options = {k: v for k, v in node.items() if k not in ("name", "checkpoint", "compile")}
-        options.update({k: False if k == "pretrained" else None for k in ("pretrained", "weights") if k in options})
+        options = model_options(node, weights_from_checkpoint=True)  # nothing downloaded
         try:
-            with torch.device("meta"):
-                build_model(name, int(cfg.data.num_classes), **options)
+            with torch.device("meta"):  # image folders count their classes later: any count builds the same network
+                build_model(name, int(cfg.data.get("num_classes") or 2), **options)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{role}={name} does not take these options {sorted(options)}: "
                               f"{str(err).splitlines()[0]}") from None

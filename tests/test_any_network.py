@@ -272,3 +272,42 @@ def test_readme_own_model_example_runs(capsys):
         assert MODELS["tinynet"](num_classes=3).num_classes == 3
     finally:
         MODELS.pop("tinynet", None)
+
+
+def test_teacher_checkpoint_of_another_network_or_data_is_refused_in_one_line(tmp_path):
+    from distill.checkpoints import load_network
+    from distill.errors import CheckpointError
+    from distill.identity import checkpoint_stem
+
+    model = build_model("wrn16_1", 3)
+    data = {"name": "image_folder", "root": "/data/a", "classes": ["x", "y", "z"]}
+    saved = {"network": {"name": "wrn16_1"}, "data": data}
+    path = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"model_name": "wrn16_1", "num_classes": 3, "identity": saved}}, path)
+    other = {"network": {"name": "wrn16_1"}, "data": {**saved["data"], "root": "/data/b"}}
+    with pytest.raises(CheckpointError, match=r"data\.root: '/data/a' \(checkpoint\) vs '/data/b' \(config\)") as info:
+        load_network(path, lambda: build_model("wrn16_1", 3), "wrn16_1", 3, other)
+    assert "\n" not in str(info.value)
+    loaded = load_network(path, lambda: build_model("wrn16_1", 3), "wrn16_1", 3, saved)
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+    # The default file name tells networks and data apart.
+    names = {checkpoint_stem(n, d) for n, d in ((saved["network"], saved["data"]), (other["network"], other["data"]),
+                                                ({"name": "timm", "arch": "resnet18"}, saved["data"]),
+                                                ({"name": "timm", "arch": "resnet50"}, saved["data"]))}
+    assert len(names) == 4 and any(n.startswith("timm-resnet50_image_folder-") for n in names)
+
+
+def test_timm_layer_by_name():
+    import timm
+
+    torch.manual_seed(0)
+    reference = timm.create_model("resnet18", num_classes=5).eval()
+    torch.manual_seed(0)
+    model = build_model("timm", 5, arch="resnet18", layer="layer3").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape[1:] == (256, 4, 4)
+        torch.testing.assert_close(model.forward_head(features), reference(x))
+    assert inspect_network(model, x).path == "general"  # layer4 lies between layer3 and the pool

@@ -48,7 +48,7 @@ def test_cifar100_kd_preset_runs_with_dkd_and_gradcampp(tmp_path):
     proc = subprocess.run([sys.executable, "-c", NO_MD5, str(REPO / "train.py"), *args], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
     assert_ok(proc)
-    assert (tmp_path / "ckpt" / "wrn40_2_cifar100.ckpt").is_file()  # the WRN-40-2 teacher, trained first
+    assert list((tmp_path / "ckpt").glob("wrn40_2_cifar100-*.ckpt"))  # the WRN-40-2 teacher, trained first
     result = one_metrics(tmp_path / "logs" / "cifar100_kd" / "runs")  # the distillation run's
     assert result["stage"] == "distill" and result["config"]["kd"]["dkd_beta"] == 6.0
     m = result["metrics"]
@@ -61,11 +61,11 @@ def test_imagenet_kd_preset_runs_on_an_imagenet_layout_folder(tmp_path):
     ResNets (teacher=torchvision comes with the any-network work), at 32x32 crops."""
     write_image_tree(tmp_path / "imagenet", size=(40, 56), n_train=6, n_eval=3)
     proc = run_train(["experiment=imagenet_kd", "kd=dkd_imagenet", "teacher=wrn16_2", "student=wrn16_1",
-                      "~teacher.arch", "~teacher.weights", "~student.arch", f"data.root={tmp_path / 'imagenet'}",
+                      "~teacher.arch", "~teacher.weights", "~teacher.as_is", "~student.arch", f"data.root={tmp_path / 'imagenet'}",
                       "data.image_size=32", "data.resize=36", *TINY, f"paths.checkpoint_dir={tmp_path}/ckpt"],
                      tmp_path)
     assert_ok(proc)
-    assert (tmp_path / "ckpt" / "wrn16_2_imagenet.ckpt").is_file()
+    assert list((tmp_path / "ckpt").glob("wrn16_2_imagenet-*.ckpt"))
     result = one_metrics(tmp_path / "logs" / "imagenet_kd" / "runs")
     assert result["config"]["kd"]["name"] == "dkd_imagenet" and "test/acc" in result["metrics"]
     assert math.isfinite(result["metrics"]["train/dkd"])

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from distill.errors import ConfigError
 from distill.models import MODELS, Network, WideResNet, build_model, inspect_network, register_model
 
 EXPECTED_PARAMS = {"wrn40_2": 2_243_546, "wrn16_2": 691_674}
@@ -144,12 +145,12 @@ def test_eval_features_independent_of_batch(wrn16_2):
 
 
 def test_build_model_errors():
-    with pytest.raises(ValueError, match="unknown model") as info:
+    with pytest.raises(ConfigError, match="unknown model") as info:
         build_model("resnet_nonexistent", 10)
     for name in ("wrn16_1", "wrn16_2", "wrn40_2", "timm", "torchvision"):
         assert name in str(info.value)
     for bad in (0, -3):
-        with pytest.raises(ValueError, match="num_classes"):
+        with pytest.raises(ConfigError, match="num_classes"):
             build_model("wrn16_1", bad)
     for depth in (15, 17, 20, 41):
         with pytest.raises(ValueError, match="6n"):
@@ -170,7 +171,7 @@ def test_register_model():
         model = build_model(name, 3, drop_rate=0.1)
         assert isinstance(model, WideResNet) and model.num_classes == 3
         assert model.fc.out_features == 3
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(ConfigError, match=name):
             build_model("_still_unknown", 3)  # the error lists the new name too
 
         @register_model("_test_bad_depth")
@@ -183,5 +184,5 @@ def test_register_model():
         MODELS.pop(name, None)
         MODELS.pop("_test_bad_depth", None)
     assert name not in MODELS
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         build_model(name, 3)

@@ -93,8 +93,14 @@ def test_crafted_checkpoint_never_runs_through_any_entry_point(entry, tmp_path):
     if entry == "teacher.checkpoint":
         crafted_checkpoint(evil, marker)
         proc = run_train(["experiment=smoke", "logger=none", f"teacher.checkpoint={evil}"], tmp_path)
-    elif entry == "default teacher":  # checkpoints/<teacher>_<data>.ckpt, loaded because it exists
-        evil = crafted_checkpoint(tmp_path / "ckpts" / "wrn16_2_synthetic.ckpt", marker)
+    elif entry == "default teacher":  # checkpoints/<network>_<data>-<hash>.ckpt, loaded because it exists
+        from hydra.utils import instantiate
+
+        from distill.run import default_teacher_checkpoint
+
+        probe = compose_config(tmp_path / "probe", ["experiment=smoke", "logger=none"])
+        name = default_teacher_checkpoint(probe, instantiate(probe.data)).name
+        evil = crafted_checkpoint(tmp_path / "ckpts" / name, marker)
         proc = run_train(["experiment=smoke", "logger=none", f"paths.checkpoint_dir={tmp_path / 'ckpts'}"], tmp_path)
     elif entry == "resume":
         run_dir = tmp_path / "run"
@@ -324,7 +330,8 @@ def options(group: str) -> list[str]:
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in ("data", "teacher", "student", "explain", "kd", "optim",
                                                                "trainer", "logger", "experiment") for o in options(g)])
 def test_every_shipped_option_passes_the_schema(group, option, tmp_path):
-    overrides = [f"{group}={option}"] + ([f"data.root={tmp_path}"] if option == "image_folder" else [])
+    needs_root = {"image_folder", "imagenet", "imagenet_kd"}  # their data.root is required (???)
+    overrides = [f"{group}={option}"] + ([f"data.root={tmp_path}"] if option in needs_root else [])
     assert config_errors(compose_config(tmp_path, overrides)) is None
 
 
@@ -443,7 +450,7 @@ def test_distill_run_killed_in_its_teacher_stage_resumes_the_teacher(tmp_path, m
     caplog.set_level(logging.INFO, logger="distill")
     run_dir = tmp_path / "run"
     # What a kill in the teacher stage leaves: run/teacher/checkpoints/last.ckpt after 1 of 2 epochs,
-    # no published teacher (checkpoints/wrn16_2_synthetic.ckpt), no metrics.json.
+    # no published teacher (checkpoints/wrn16_2_synthetic-<hash>.ckpt), no metrics.json.
     teacher_cfg = compose_config(run_dir / "teacher", ["experiment=smoke", "logger=none", "stage=teacher",
                                                        "trainer.max_epochs=1", "test_after_fit=false",
                                                        f"teacher.checkpoint={tmp_path / 'elsewhere.ckpt'}"])
@@ -458,4 +465,4 @@ def test_distill_run_killed_in_its_teacher_stage_resumes_the_teacher(tmp_path, m
     per_epoch = 128 // 32
     assert steps.count("ClassifierModule") == per_epoch  # the teacher trained its 2nd epoch only
     assert read_checkpoint(run_dir / "teacher" / "checkpoints" / "last.ckpt")["epoch"] == 1
-    assert (run_dir / "checkpoints" / "wrn16_2_synthetic.ckpt").is_file() and (run_dir / "metrics.json").is_file()
+    assert list((run_dir / "checkpoints").glob("wrn16_2_synthetic-*.ckpt")) and (run_dir / "metrics.json").is_file()

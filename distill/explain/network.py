@@ -102,7 +102,8 @@ def explain_network(
 def fast_path_agrees(model: nn.Module, features: Tensor, spec: NetworkSpec, rtol: float = 1e-3) -> bool:
     """True if ``spec``'s fast path gives the general path's Grad-CAM and Grad-CAM++ maps on
     ``features`` ``(B, K, h, w)`` for random classes (checked once per model)."""
-    target = torch.randint(0, model.num_classes, (features.shape[0], 2), device=features.device)
+    num_classes = map_head(model, features).shape[1]
+    target = torch.randint(0, num_classes, (features.shape[0], 2), device=features.device)
     leaf = features.detach().requires_grad_(True)
     for method in ("gradcam", "gradcampp"):
         fast = _maps(model, spec, spec.path, leaf, target, method, None, False).detach()
