@@ -20,9 +20,9 @@ from distill.data.on_device import images_to_uint8
 from distill.data.transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
-    cifar_train_transform,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    cifar_train_transform,
     eval_transform,
     imagenet_eval_transform,
     imagenet_train_transform,
@@ -117,7 +117,7 @@ class ImageFolderDataModule(BaseDataModule):
             )
         names = classes["train"]
         if len(names) < 2:
-            raise self._error(f"{self.root / 'train'} has one class folder ({names[0]}); a classifier needs two or more")
+            raise self._error(f"{self.root / 'train'} has one class folder ({names[0]}); a classifier needs two")
         if self._num_classes is None:
             self._num_classes = len(names)
         elif len(names) != self._num_classes:
