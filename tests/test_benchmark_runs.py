@@ -61,7 +61,8 @@ def test_imagenet_kd_preset_runs_on_an_imagenet_layout_folder(tmp_path):
     ResNets (teacher=torchvision comes with the any-network work), at 32x32 crops."""
     write_image_tree(tmp_path / "imagenet", size=(40, 56), n_train=6, n_eval=3)
     proc = run_train(["experiment=imagenet_kd", "kd=dkd_imagenet", "teacher=wrn16_2", "student=wrn16_1",
-                      "~teacher.arch", "~teacher.weights", "~teacher.as_is", "~student.arch", f"data.root={tmp_path / 'imagenet'}",
+                      "~teacher.arch", "~teacher.weights", "~teacher.as_is", "~student.arch",
+                      f"data.root={tmp_path / 'imagenet'}",
                       "data.image_size=32", "data.resize=36", *TINY, f"paths.checkpoint_dir={tmp_path}/ckpt"],
                      tmp_path)
     assert_ok(proc)

@@ -111,7 +111,7 @@ def test_image_folders_check_class_counts_and_lists(tmp_path):
     write_image_tree(tmp_path / "b", size=(8, 8))
     (tmp_path / "b" / "val" / WNIDS[2]).rename(tmp_path / "b" / "val" / "n99999999")
     with pytest.raises(DataError) as info:
-        _ = ImageNetDataModule(tmp_path / "b").num_classes
+        ImageNetDataModule(tmp_path / "b").prepare_data()
     msg = str(info.value)
     assert "\n" not in msg and msg.startswith("imagenet: train/ and val/ have different class folders")
     assert "only in train: ['n01484850']; only in val: ['n99999999']" in msg
@@ -126,7 +126,7 @@ def test_image_folder_configs_infer_num_classes(option, tmp_path):
     dm = hydra.utils.instantiate(cfg.data)
     assert dm.num_classes == 5
     if option == "imagenet":
-        assert (dm.image_size, dm.resize, dm.batch_size, dm.num_workers) == ((224, 224), 256, 256, 12)
+        assert (dm.image_size, dm.resize, dm.batch_size, dm.num_workers) == ((224, 224), 256, 256, 16)
 
 
 # ============================================================================ DKD
@@ -238,3 +238,27 @@ def test_imagenet_kd_preset_is_the_resnet_protocol(tmp_path):
 def test_imagenet_kd_preset_names_the_torchvision_resnets(tmp_path):
     cfg = compose_config(tmp_path, ["experiment=imagenet_kd"])
     assert (cfg.teacher.arch, cfg.teacher.weights, cfg.student.arch) == ("resnet34", "IMAGENET1K_V1", "resnet18")
+
+
+# ============================================================================ scripts/bench_data.py
+def test_bench_data_imagenet_mode_on_upscaled_jpegs(tmp_path):
+    """The data=imagenet throughput bench: an ImageNet-layout copy upscaled from a small image
+    folder, the DataLoader path and torchvision's batched decode_jpeg path (on the CPU here)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_data", CONFIG_DIR.parent / "scripts" / "bench_data.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    write_image_tree(tmp_path / "small", classes=["a", "b"], eval_split="test", n_train=5, n_eval=5, size=(8, 8),
+                     suffix=".jpg")
+    results = bench.main(["--data", "imagenet", "--root", str(tmp_path / "small"), "--make-imagenet",
+                          str(tmp_path / "inet"), "--images-per-class", "5", "--upscale", "60x80", "--workers", "0",
+                          "--batch-size", "4", "--batches", "1", "--decode-device", "cpu", "--train-steps", "0"])
+    made = sorted((tmp_path / "inet" / "train" / "a").glob("*.JPEG"))
+    assert len(made) == 5 and Image.open(made[0]).size == (80, 60)
+    assert len(list((tmp_path / "inet" / "val").rglob("*.JPEG"))) == 2  # a fifth as many, one per class
+    assert set(results) == {"DataLoader+PIL, 0 workers", "decode_jpeg on cpu, 0 workers reading bytes"}
+    assert all(rate > 0 for rate in results.values())
+    x, y = next(bench.device_decoded(iter([((made[0].read_bytes(),), (1,))]), torch.device("cpu"), (24, 24),
+                                     IMAGENET_MEAN, IMAGENET_STD))
+    assert x.shape == (1, 3, 24, 24) and y.tolist() == [1]
