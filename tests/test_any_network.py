@@ -179,6 +179,9 @@ def test_offline_weights_and_unknown_names_are_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: already imported
     from distill.errors import DistillError
 
     for library, options in (("torchvision", {"arch": "resnet18", "weights": "IMAGENET1K_V1"}),
