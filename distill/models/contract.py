@@ -101,6 +101,9 @@ def map_head(model: nn.Module, features: Tensor) -> Tensor:
     """``(B, K, h, w) -> (B, C)``: the deterministic head that maps are differentiated through."""
     if has_capability(model, "map_head"):
         return model.map_head(features)
+    spec = known_spec(model)
+    if not model.training or (spec is not None and spec.deterministic_head):
+        return model.forward_head(features)
     with eval_mode(model):
         return model.forward_head(features)
 
