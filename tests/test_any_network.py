@@ -314,3 +314,25 @@ def test_timm_layer_by_name():
         assert features.shape[1:] == (256, 4, 4)
         torch.testing.assert_close(model.forward_head(features), reference(x))
     assert inspect_network(model, x).path == "general"  # layer4 lies between layer3 and the pool
+
+
+def test_a_model_without_the_contract_stops_before_training_also_without_explanations():
+    from functools import partial
+
+    from distill.module import DistillModule, LossWeights
+
+    class Plain(nn.Module):  # a classifier with forward() only
+        num_classes = 5
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 5)
+
+        def forward(self, x):
+            return self.fc(x.mean(dim=(2, 3)))
+
+    for weights in (LossWeights(), LossWeights(kd=1.0)):  # explain=none, kd=none|hinton
+        with pytest.raises(ConfigError, match=r"the student \(Plain\) lacks forward_features, forward_head") as info:
+            DistillModule(Plain(), build_model("wrn16_1", 5), optimizer=partial(torch.optim.SGD, lr=0.1),
+                          weights=weights)
+        assert "\n" not in str(info.value)

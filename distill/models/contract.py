@@ -78,8 +78,9 @@ def require_network(model: nn.Module, role: str, what: str, stages: bool = False
     if not isinstance(getattr(model, "num_classes", None), int):
         missing.append("num_classes")
     if missing:
+        label = what if what == type(model).__name__ else f"{what}, {type(model).__name__}"
         raise ConfigError(
-            f"the {role} ({what}, {type(model).__name__}) lacks {', '.join(missing)}: see 'Your own model' in "
+            f"the {role} ({label}) lacks {', '.join(missing)}: see 'Your own model' in "
             "the README for the model contract, or use teacher=/student=timm|torchvision"
         )
 
