@@ -142,7 +142,9 @@ def metrics_table(result: dict) -> list[str]:
 
     def name(role: str) -> str:
         node = config.get(role)
-        return f"{role} {node['name']}" if isinstance(node, dict) and "name" in node else role
+        if not isinstance(node, dict) or "name" not in node:
+            return role
+        return f"{role} {node['name']}-{node['arch']}" if node.get("arch") else f"{role} {node['name']}"
 
     def pct(key: str, factor: float, digits: int = 2) -> str:
         return f"{factor * metrics[key]:.{digits}f}" if key in metrics else ""
