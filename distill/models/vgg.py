@@ -192,8 +192,4 @@ def vgg11_student(num_classes: int = 20, hidden: int = STUDENT_HIDDEN, dropout: 
     return VGG(_scaled(VGG11_LAYERS, width), num_classes, hidden=hidden, dropout=dropout, batch_norm=batch_norm)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-__all__ = ["VGG", "count_parameters", "imagenet_vgg16_state", "make_layers", "vgg11_student", "vgg16"]
+__all__ = ["VGG", "imagenet_vgg16_state", "make_layers", "vgg11_student", "vgg16"]

@@ -107,12 +107,8 @@ def wrn16_2(num_classes: int = 10, **kw) -> WideResNet:
     return WideResNet(16, 2, num_classes, **kw)
 
 
-def wrn28_10(num_classes: int = 10, **kw) -> WideResNet:
-    return WideResNet(28, 10, num_classes, **kw)
-
-
 def wrn16_1(num_classes: int = 10, **kw) -> WideResNet:
     return WideResNet(16, 1, num_classes, **kw)
 
 
-__all__ = ["WideResNet", "BasicBlock", "wrn16_1", "wrn16_2", "wrn28_10", "wrn40_2"]
+__all__ = ["WideResNet", "BasicBlock", "wrn16_1", "wrn16_2", "wrn40_2"]
