@@ -1,4 +1,4 @@
-"""Judging and showing explanations (SPEC §4): faithfulness, agreement, pictures, reports.
+"""Judging and showing explanations (Grad-CAM++ §4, docs/method.md §4): faithfulness, agreement, pictures, reports.
 
 - :mod:`distill.evaluation.faithfulness`: batched metric functions and their accumulator;
 - :mod:`distill.evaluation.report`: the markdown reports and the multirun summary;

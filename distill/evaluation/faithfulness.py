@@ -1,4 +1,4 @@
-"""Faithfulness of explanations and teacher-student agreement (SPEC §4), batched.
+"""Faithfulness of explanations and teacher-student agreement (Grad-CAM++ §4, docs/method.md §4), batched.
 
 Everything here works on whole batches: no Python loop over samples, no ``.item()`` /
 ``.cpu()`` and no branching on tensor values, so a batch stays on its device from the image to

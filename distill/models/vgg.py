@@ -1,4 +1,4 @@
-"""VGG networks for PASCAL VOC (SPEC §3): the VGG-16 teacher and an 11-layer student.
+"""VGG networks for PASCAL VOC (Grad-CAM++ §5; docs/method.md §5): the VGG-16 teacher and an 11-layer student.
 
 Both keep torchvision's module layout (``features`` / ``avgpool`` / ``classifier`` with the
 same indices), so torchvision's ImageNet weights load into the teacher unchanged.

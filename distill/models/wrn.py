@@ -2,7 +2,7 @@
 
 Pre-activation basic blocks, group widths ``16, 16k, 32k, 64k``, final BN + ReLU,
 global average pooling and a linear classifier. The explained layer is the output of the
-final BN + ReLU, so no batch-statistics BatchNorm sits between it and the logits (SPEC §5).
+final BN + ReLU, so no batch-statistics BatchNorm sits between it and the logits (docs/method.md §6).
 """
 
 from __future__ import annotations
