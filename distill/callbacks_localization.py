@@ -1,4 +1,4 @@
-"""Box localisation of explanation maps at evaluation (SPEC §4), for teacher and student.
+"""Box localisation of explanation maps at evaluation (Grad-CAM++ §4; docs/method.md §4), for teacher and student.
 
 Evaluation batches that carry boxes, ``(images, targets, boxes, box_labels, box_difficult)``
 (the VOC DataModule's), get one explanation map per (image, ground-truth positive class) from

@@ -21,7 +21,8 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
 
-from distill.errors import CheckpointError, os_cause, remove_quietly
+from distill.errors import CheckpointError, os_cause
+from distill.files import atomic_file
 from distill.identity import differences
 
 TRUST_OPTION = "trust_checkpoints=true"
@@ -108,21 +109,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); lower the learning rate "
                 "(optim.optimizer.lr) or the loss weights"
             )
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            with atomic_file(path, "wb") as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException as err:
-            remove_quietly(tmp)
-            if isinstance(err, OSError):
-                kept = " (the previous checkpoint there is kept)" if path.is_file() else ""
-                raise CheckpointError(f"could not write checkpoint {path.name} in folder {path.parent}: "
-                                      f"{os_cause(err)}{kept}") from None
-            raise
+        except OSError as err:
+            kept = " (the previous checkpoint there is kept)" if path.is_file() else ""
+            raise CheckpointError(f"could not write checkpoint {path.name} in folder {path.parent}: "
+                                  f"{os_cause(err)}{kept}") from None
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         return read_checkpoint(path, "resume checkpoint", trusted=self.trusted)

@@ -37,7 +37,7 @@ class NonFiniteLossError(DistillError):
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the student's loss terms (SPEC §2)."""
+    """Weights of the student's loss terms (docs/method.md §3)."""
 
     ce: float = 1.0
     kd: float = 0.0

@@ -60,7 +60,7 @@ from distill.module import DistillModule, ExplainSettings, LossWeights  # noqa: 
 from distill.tasks import MulticlassTask, MultilabelTask  # noqa: E402
 
 KD = {"kd": 1.0, "temperature": 4.0}
-ALPHA = 0.01  # explanation-loss weight of the paper (SPEC §2)
+ALPHA = 0.01  # explanation-loss weight of the paper (Grad-CAM++ §5)
 
 # name -> (loss weights, explain settings); None = the student alone
 VARIANTS: dict[str, tuple[LossWeights, ExplainSettings] | None] = {

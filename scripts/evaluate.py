@@ -1,4 +1,4 @@
-"""Faithfulness and teacher-student agreement of a checkpoint on its test set (SPEC §4).
+"""Faithfulness and teacher-student agreement of a checkpoint on its test set (Grad-CAM++ §4; docs/method.md §4).
 
     python scripts/evaluate.py checkpoint=PATH [teacher_checkpoint=PATH] [data.root=DIR] [logger=wandb]
 

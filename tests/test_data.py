@@ -4,6 +4,7 @@ the synthetic set and the Hydra data configs. All CPU, single-process, a few sec
 from __future__ import annotations
 
 import pickle
+import socket
 import tarfile
 import urllib.error
 from pathlib import Path
@@ -17,6 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from distill.data import CIFAR10DataModule, ImageFolderDataModule, SyntheticDataModule
+from distill.download import DOWNLOAD_TIMEOUT_S
 from distill.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,17 +194,23 @@ def test_cifar_missing_without_download(tmp_path, monkeypatch):
 
 
 def test_cifar_download_failure_is_one_clear_error(tmp_path, monkeypatch):
+    seen = []
+
     def offline(*args, **kwargs):
+        seen.append(socket.getdefaulttimeout())
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
     root = tmp_path / "cifar10"
     dm = _cifar_dm(root, download=True)
+    before = socket.getdefaulttimeout()
     with pytest.raises(DataError) as info:
         dm.prepare_data()
     msg = str(info.value)
     assert "download failed" in msg and "URLError" in msg and str(root.resolve()) in msg
     assert info.value.__cause__ is None and info.value.__suppress_context__
+    # the download ran under the short socket timeout, and the previous one is back after the failure
+    assert seen == [DOWNLOAD_TIMEOUT_S] and socket.getdefaulttimeout() == before != DOWNLOAD_TIMEOUT_S
 
 
 def test_cifar_corrupt_folder(tmp_path):

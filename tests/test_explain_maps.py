@@ -1,4 +1,4 @@
-"""Explanation maps (SPEC §1) against independent float64 references.
+"""Explanation maps (docs/method.md §1) against independent float64 references.
 
 The reference below loops over samples, classes, channels and pixels in plain Python, with
 one ``torch.autograd.grad`` of one logit of one sample at a time; it shares no code with
@@ -86,7 +86,7 @@ def images(batch=3, size=8, seed=1):
 
 # --------------------------------------------------------------------------- reference
 def reference_maps(net, x, method, classes=None):
-    """SPEC §1 by hand: ``(B, C, h, w)``, every sample and class computed separately."""
+    """The papers' formulas (docs/method.md §1) by hand: ``(B, C, h, w)``, each sample and class separately."""
     out = []
     for b in range(x.shape[0]):
         a = net.forward_features(x[b : b + 1]).detach().requires_grad_(True)

@@ -1,8 +1,8 @@
-"""Distillation losses (SPEC §2) against independent references.
+"""Distillation losses (docs/method.md §3) against independent references.
 
 Every expected value here comes from a hand-worked tiny case or a float64 numpy formula
 written in this file; no test compares the library with itself. The only torch op used as
-a reference is ``F.interpolate`` for bilinear upsampling (the resize convention of SPEC §2);
+a reference is ``F.interpolate`` for bilinear upsampling (the resize convention of docs/method.md §3);
 bilinear *downsampling* by exactly 2 is checked against a numpy 2x2 average instead.
 """
 

@@ -19,6 +19,7 @@ from PIL import Image
 from distill.checkpoints import AtomicCheckpointIO, read_checkpoint
 from distill.config_schema import DATA, EXPLAIN_METHODS, INTERPRET_LOSSES, STAGES, config_errors
 from distill.errors import CheckpointError, ConfigError, DataError
+from distill.files import atomic_file, copy_file, write_json, write_text
 from distill.models import build_model
 from distill.module import ClassifierModule, NonFiniteLossError
 from tests.conftest import CONFIG_DIR, REPO, compose_config, run_train
@@ -198,6 +199,33 @@ def test_disk_full_mid_write_leaves_no_tmp_and_the_previous_checkpoint(tmp_path,
     assert "\n" not in message and str(path.parent) in message and "ENOSPC" in message
     assert list(path.parent.iterdir()) == [path]  # no last.ckpt.tmp
     assert torch.equal(read_checkpoint(path)["state_dict"]["w"], torch.ones(3))
+
+
+def test_atomic_writes_keep_the_previous_file_and_leave_no_tmp(tmp_path, monkeypatch):
+    path = tmp_path / "out" / "metrics.json"
+    write_json(path, {"b": 1, "a": [0.5]})
+    first = path.read_text()
+    assert json.loads(first) == {"a": [0.5], "b": 1} and first.index('"a"') < first.index('"b"')  # sorted keys
+
+    def unchanged() -> bool:  # the previous file intact, nothing else in the folder (no metrics.json.tmp)
+        return path.read_text() == first and [p.name for p in path.parent.iterdir()] == [path.name]
+
+    with pytest.raises(RuntimeError, match="killed"), atomic_file(path) as f:
+        f.write("{ torn")
+        raise RuntimeError("killed mid-write")
+    assert unchanged()
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError) as info:
+        write_text(path, "new")
+    assert info.value.errno == errno.ENOSPC
+    assert unchanged()
+    monkeypatch.undo()
+    assert copy_file(path, tmp_path / "copy" / "m.json").read_bytes() == path.read_bytes()
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 def test_teacher_that_cannot_be_published_is_one_line_naming_the_folder(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from distill.data.transforms import (
     cifar_train_transform,
     eval_transform,
 )
+from distill.download import download_timeout
 from distill.errors import ConfigError, DataError, DistillError
 
 CIFAR10_CLASSES = [
@@ -44,11 +44,6 @@ pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose
 skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger
 tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm
 """.split()
-
-# torchvision's downloader calls urlopen without a timeout; behind a firewall that drops
-# packets that would block for minutes. Each socket operation gets this many seconds.
-DOWNLOAD_TIMEOUT_S = 30.0
-
 
 class CIFAR10DataModule(BaseDataModule):
     """CIFAR-10 (50,000 train / 10,000 test, 32x32 RGB, 10 classes).
@@ -147,19 +142,16 @@ class CIFAR10DataModule(BaseDataModule):
             raise self._error(
                 self._missing_problem() + " and downloading is disabled (data.download=false)"
             )
-        old_timeout = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe.download()
+            with download_timeout():
+                probe.download()
         except DistillError:
             raise
         except Exception as e:  # urllib/socket/tarfile/md5 errors: never a deep traceback
             raise self._error(
                 f"{self._missing_problem()} and the download failed ({type(e).__name__}: {e})"
             ) from None
-        finally:
-            socket.setdefaulttimeout(old_timeout)
         if not probe._check_integrity():
             raise self._error("the downloaded files failed the md5 check")
 

@@ -5,8 +5,8 @@ Both pipelines take a PIL image (or an HWC uint8 array) and return a normalised
 for images already at ``size`` (CIFAR-10), so the same pipeline serves image folders whose
 images have another size.
 
-Training (AT paper protocol, SPEC §3): random crop with padding ``size / 8`` (4 pixels at
-32x32, zero fill) and a random horizontal flip.
+Training (the AT paper's protocol, Zagoruyko & Komodakis ICLR 2017; docs/method.md §5): random
+crop with padding ``size / 8`` (4 pixels at 32x32, zero fill) and a random horizontal flip.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ object, in pixels of the transformed image, ``(B, Nmax, 4)`` xyxy float32 padded
 
 from __future__ import annotations
 
-import socket
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from torchvision.transforms import v2
 from distill.data.base import BaseDataModule
 from distill.data.image_folder import load_rgb
 from distill.data.transforms import to_size
+from distill.download import download_timeout
 from distill.errors import ConfigError, DataError, DistillError
 
 VOC_CLASSES = [
@@ -47,7 +47,6 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 SPLITS = ("trainval", "test")
 EVAL_RESIZE_RATIO = 256 / 224  # resize the shorter side to size * 256/224, then center-crop
-DOWNLOAD_TIMEOUT_S = 30.0
 AP_MODES = {"area": "multilabel", "11point": "multilabel_voc11"}
 
 
@@ -247,17 +246,14 @@ class VOC2007DataModule(BaseDataModule):
                 continue
             if not self.download:
                 raise self._error(f"{problem}, and downloading is disabled (data.download=false)")
-            old_timeout = socket.getdefaulttimeout()
-            socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
-                VOCDetection(str(self.root), year="2007", image_set=split, download=True)
+                with download_timeout():
+                    VOCDetection(str(self.root), year="2007", image_set=split, download=True)
             except DistillError:
                 raise
             except Exception as e:  # urllib/socket/tarfile/md5 errors: never a deep traceback
                 raise self._error(f"{problem}, and the download failed ({type(e).__name__}: {e})") from None
-            finally:
-                socket.setdefaulttimeout(old_timeout)
             if self.missing(split) is not None:
                 raise self._error(f"{self.missing(split)} even after the download")
 

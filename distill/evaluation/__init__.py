@@ -1,7 +1,7 @@
-"""Judging and showing explanations (SPEC §4): faithfulness, agreement, pictures, reports.
+"""Judging and showing explanations (Grad-CAM++ §4, docs/method.md §4): faithfulness, agreement, pictures, reports.
 
 - :mod:`distill.evaluation.faithfulness`: batched metric functions and their accumulator;
-- :mod:`distill.evaluation.report`: JSON / markdown writers and the multirun summary;
+- :mod:`distill.evaluation.report`: the markdown reports and the multirun summary;
 - :mod:`distill.evaluation.grid`: the picture grid;
 - :mod:`distill.evaluation.runner`: what ``scripts/evaluate.py`` and ``scripts/visualize.py``
   share (loading a checkpoint, its teacher and data back; :func:`evaluate`, :func:`visualize`).
@@ -17,20 +17,15 @@ _EXPORTS = {
     "CONVENTIONS": "faithfulness",
     "SIMILARITY_TARGETS": "faithfulness",
     "ScoreAccumulator": "faithfulness",
-    "average_drop": "faithfulness",
     "evaluate_batch": "faithfulness",
     "explanation_images": "faithfulness",
     "faithfulness_scores": "faithfulness",
-    "increase_in_confidence": "faithfulness",
-    "win_rate": "faithfulness",
     "TARGETS": "grid",
     "explanation_grid": "grid",
     "figure_array": "grid",
     "save_figure": "grid",
     "evaluation_markdown": "report",
     "summarize_multirun": "report",
-    "write_json": "report",
-    "write_text": "report",
     "evaluate": "runner",
     "visualize": "runner",
     "run_script": "runner",

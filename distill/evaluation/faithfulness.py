@@ -1,4 +1,4 @@
-"""Faithfulness of explanations and teacher-student agreement (SPEC §4), batched.
+"""Faithfulness of explanations and teacher-student agreement (Grad-CAM++ §4, docs/method.md §4), batched.
 
 Everything here works on whole batches: no Python loop over samples, no ``.item()`` /
 ``.cpu()`` and no branching on tensor values, so a batch stays on its device from the image to
@@ -125,32 +125,6 @@ def top1_agreement(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     return (student_logits.argmax(dim=1) == teacher_logits.argmax(dim=1)).float()
 
 
-def map_similarity(student_maps: Tensor, teacher_maps: Tensor) -> Tensor:
-    """Per map cosine similarity ``(B, h, w) -> (B,)`` (student resized to the teacher's size)."""
-    return map_cosine(student_maps, teacher_maps)
-
-
-# --------------------------------------------------------------------------- aggregates (%)
-def average_drop(full: Tensor, explained: Tensor) -> Tensor:
-    """Average Drop % ``= 100 * mean(max(0, Y - O) / Y)`` over the batch (0-dim tensor)."""
-    return 100.0 * relative_drop(full, explained).mean()
-
-
-def increase_in_confidence(full: Tensor, explained: Tensor) -> Tensor:
-    """Increase in Confidence % ``= 100 * mean(1[Y < O])`` over the batch (0-dim tensor)."""
-    return 100.0 * confidence_increase(full, explained).mean()
-
-
-def win_rate(drop_a: Tensor, drop_b: Tensor) -> Tensor:
-    """Win % of A over B: ``100 * mean(wins(drop_a, drop_b))`` (ties count half)."""
-    return 100.0 * wins(drop_a, drop_b).mean()
-
-
-def agreement_rate(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """Top-1 agreement % over the batch."""
-    return 100.0 * top1_agreement(student_logits, teacher_logits).mean()
-
-
 # --------------------------------------------------------------------------- running models
 def forward_explainable(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
     """``(features, logits)``: ``leaf_features`` ``(B, K, h, w)`` for ``head_maps``, and the
@@ -237,7 +211,7 @@ def evaluate_batch(
     t_maps = head_maps(teacher, t_features, target, similarity_method)
     scores["teacher/accuracy"] = (t_logits.argmax(dim=1) == labels).float()
     scores["agreement"] = top1_agreement(logits, t_logits)
-    scores["map_cosine"] = map_similarity(s_maps, t_maps)
+    scores["map_cosine"] = map_cosine(s_maps, t_maps)  # student resized to the teacher's size
     if explain_teacher:
         teacher_scores = faithfulness_scores(teacher, images, mean, std, outputs=(t_features, t_logits))
         scores.update({f"teacher/{k}": v for k, v in teacher_scores.items()})
@@ -313,18 +287,13 @@ __all__ = [
     "METHOD_PAIR",
     "SIMILARITY_TARGETS",
     "ScoreAccumulator",
-    "agreement_rate",
-    "average_drop",
     "class_probability",
     "confidence_increase",
     "evaluate_batch",
     "explanation_images",
     "faithfulness_scores",
     "forward_explainable",
-    "increase_in_confidence",
-    "map_similarity",
     "relative_drop",
     "top1_agreement",
-    "win_rate",
     "wins",
 ]

@@ -1,4 +1,4 @@
-"""Localisation of explanation maps against ground-truth boxes (SPEC §4; Grad-CAM++ §4).
+"""Localisation of explanation maps against ground-truth boxes (Grad-CAM++ §4; docs/method.md §4).
 
 For an image and a class ``c`` with boxes: upsample the map ``L^c`` to the image (bilinear),
 scale it by its maximum, and keep the pixels ``M = {L >= delta * max L} ∩ {L > 0}``. With

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.errors import DataError
+from distill.files import write_json, write_text
 
 log = logging.getLogger("distill")
 
@@ -32,24 +33,7 @@ METHOD_NAMES = {"cam": "CAM", "gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", 
                 "xgradcam": "XGrad-CAM", "layercam": "LayerCAM"}
 
 
-# --------------------------------------------------------------------------- generic writers
-def write_json(path: str | Path, payload: dict) -> Path:
-    """Atomic JSON write (``<path>.tmp`` then rename), sorted keys, parents created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
+# --------------------------------------------------------------------------- markdown
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table; first column left-aligned, the others right-aligned."""
     def cell(value: Any) -> str:
@@ -418,6 +402,4 @@ __all__ = [
     "summarize_runs",
     "summary_markdown",
     "summary_plot",
-    "write_json",
-    "write_text",
 ]

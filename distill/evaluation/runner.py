@@ -302,7 +302,8 @@ def is_multilabel(datamodule) -> bool:
 
 def _write_result(cfg: DictConfig, session: Session, metrics: dict, extra: dict) -> dict:
     """``evaluation.json`` / ``evaluation.md`` in ``output_dir``, and the logger."""
-    from distill.evaluation.report import evaluation_markdown, write_json, write_text
+    from distill.evaluation.report import evaluation_markdown
+    from distill.files import write_json, write_text
 
     out = Path(cfg.output_dir)
     result = {

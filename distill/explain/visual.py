@@ -1,4 +1,4 @@
-"""Pictures of explanations: resizing, normalising, guided backprop, overlays (SPEC §1).
+"""Pictures of explanations: resizing, normalising, guided backprop, overlays (docs/method.md §1).
 
 Not used in the training path (these helpers may synchronise with the host). Shapes: images
 ``(B, 3, H, W)``; maps ``(B, h, w)`` or ``(B, T, h, w)``; targets ``(B,)`` class indices.

@@ -1,4 +1,4 @@
-"""Attention transfer (Zagoruyko & Komodakis, 2017), the AT baseline of SPEC §2."""
+"""Attention transfer (Zagoruyko & Komodakis, ICLR 2017), the AT baseline (docs/method.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Interpretability losses between student and teacher explanation maps (SPEC §2)."""
+"""Interpretability losses between student and teacher explanation maps (Grad-CAM++ §5; docs/method.md §3)."""
 
 from __future__ import annotations
 

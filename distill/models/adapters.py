@@ -12,31 +12,17 @@ what to do.
 
 from __future__ import annotations
 
-import socket
-
 import torch
 from torch import Tensor, nn
 
+from distill.download import download_timeout
 from distill.errors import ConfigError, DistillError
 from distill.models.split import last_stage, split_at
-
-DOWNLOAD_TIMEOUT_S = 30.0
 
 
 def _offline_error(what: str, err: Exception, fix: str) -> DistillError:
     return DistillError(f"{what}: the pretrained weights are neither cached nor downloadable here "
                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). {fix}")
-
-
-class _DownloadTimeout:
-    """A socket timeout for weight downloads, so that no network means a quick, clear failure."""
-
-    def __enter__(self) -> None:
-        self.previous = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-
-    def __exit__(self, *exc) -> None:
-        socket.setdefaulttimeout(self.previous)
 
 
 class SplitNetwork(nn.Module):
@@ -93,7 +79,7 @@ def timm_network(num_classes: int, arch: str = "resnet18", pretrained: bool = Fa
         raise ConfigError(f"arch={arch!r} is not a timm model; list them with `python -c \"import timm; "
                           "print(timm.list_models('resnet*'))\"`")
     try:
-        with _DownloadTimeout():
+        with download_timeout():
             model = timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **options)
     except TypeError as err:
         raise ConfigError(f"timm model {arch} does not take these options {sorted(options)}: {err}") from None
@@ -136,7 +122,7 @@ def torchvision_network(num_classes: int, arch: str = "resnet18", weights: str |
             raise ConfigError(f"weights={weights!r} is not a weight set of {arch}; choose one of {names}") from None
     same_classes = weight_enum is None or len(weight_enum.meta["categories"]) == num_classes
     try:
-        with _DownloadTimeout():
+        with download_timeout():
             classes = {"num_classes": num_classes} if same_classes else {}  # else: the weights' head, replaced
             model = models.get_model(arch, weights=weight_enum, **classes, **options)
     except TypeError as err:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from distill.errors import ConfigError
 
 MapPath = Literal["linear", "pooled", "general"]
-SPEC_ATTRIBUTE = "distill_spec"
+_CONTRACT_ATTRIBUTE = "distill_spec"  # the attribute that holds what inspect_network measured
 
 
 @runtime_checkable
@@ -125,13 +125,13 @@ def pooled_head(model: nn.Module, pooled: Tensor) -> Tensor:
 
 def known_spec(model: nn.Module) -> NetworkSpec | None:
     """The spec measured so far, or None before the first inspection."""
-    return getattr(model, SPEC_ATTRIBUTE, None)
+    return getattr(model, _CONTRACT_ATTRIBUTE, None)
 
 
 def network_spec(model: nn.Module, features: Tensor | None = None) -> NetworkSpec:
     """The model's ``NetworkSpec``; inspected on first use from ``features`` ``(B, K, h, w)``
     (their shape only) when ``inspect_network`` was not called at build time."""
-    spec = getattr(model, SPEC_ATTRIBUTE, None)
+    spec = getattr(model, _CONTRACT_ATTRIBUTE, None)
     if spec is None:
         if features is None:
             raise ConfigError(f"{type(model).__name__} was not inspected: call distill.models.inspect_network first")
@@ -231,7 +231,7 @@ def inspect_head(model: nn.Module, features: Tensor) -> NetworkSpec:
         spec = NetworkSpec(path, _deterministic_head(model, features), linear_name)
         if path != "general" and not fast_path_agrees(model, features, spec):
             spec = NetworkSpec("general", spec.deterministic_head)
-    object.__setattr__(model, SPEC_ATTRIBUTE, spec)
+    object.__setattr__(model, _CONTRACT_ATTRIBUTE, spec)
     return spec
 
 

@@ -1,4 +1,4 @@
-"""VGG networks for PASCAL VOC (SPEC §3): the VGG-16 teacher and an 11-layer student.
+"""VGG networks for PASCAL VOC (Grad-CAM++ §5; docs/method.md §5): the VGG-16 teacher and an 11-layer student.
 
 Both keep torchvision's module layout (``features`` / ``avgpool`` / ``classifier`` with the
 same indices), so torchvision's ImageNet weights load into the teacher unchanged.
@@ -20,12 +20,12 @@ Dropout acts per sample, so it never mixes samples in the batched gradient eithe
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from distill.download import download_timeout
 from distill.errors import ConfigError, DistillError
 
 # torchvision's configurations: numbers are conv output channels, "M" a 2x2 max-pool.
@@ -35,7 +35,6 @@ VGG16_LAYERS: tuple = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512,
 # Hidden width of the student's two hidden FC layers: 26.98 M parameters for 20 classes
 # (VGG-11 conv stack with BN: 9.23 M; FC 25088 -> 688 -> 688 -> 20: 17.75 M).
 STUDENT_HIDDEN = 688
-DOWNLOAD_TIMEOUT_S = 30.0
 FINETUNE = ("head", "all")
 
 
@@ -142,10 +141,9 @@ def imagenet_vgg16_state() -> dict[str, Tensor]:
 
     weights = VGG16_Weights.IMAGENET1K_V1
     cache = f"{torch.hub.get_dir()}/checkpoints/{weights.url.rsplit('/', 1)[-1]}"
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        return torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True)
+        with download_timeout():
+            return torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True)
     except Exception as err:  # URLError, socket timeouts, a torn or hash-mismatched file
         raise DistillError(
             f"teacher=vgg16 with teacher.pretrained=true needs torchvision's ImageNet weights, which "
@@ -156,8 +154,6 @@ def imagenet_vgg16_state() -> dict[str, Tensor]:
             "(or point TORCH_HOME to a folder holding hub/checkpoints/ with it); or train from scratch "
             "with teacher.pretrained=false"
         ) from None
-    finally:
-        socket.setdefaulttimeout(old_timeout)
 
 
 def vgg16(num_classes: int = 20, pretrained: bool = False, finetune: str = "all", dropout: float = 0.5,
@@ -196,8 +192,4 @@ def vgg11_student(num_classes: int = 20, hidden: int = STUDENT_HIDDEN, dropout: 
     return VGG(_scaled(VGG11_LAYERS, width), num_classes, hidden=hidden, dropout=dropout, batch_norm=batch_norm)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-__all__ = ["VGG", "count_parameters", "imagenet_vgg16_state", "make_layers", "vgg11_student", "vgg16"]
+__all__ = ["VGG", "imagenet_vgg16_state", "make_layers", "vgg11_student", "vgg16"]

@@ -2,7 +2,7 @@
 
 Pre-activation basic blocks, group widths ``16, 16k, 32k, 64k``, final BN + ReLU,
 global average pooling and a linear classifier. The explained layer is the output of the
-final BN + ReLU, so no batch-statistics BatchNorm sits between it and the logits (SPEC §5).
+final BN + ReLU, so no batch-statistics BatchNorm sits between it and the logits (docs/method.md §6).
 """
 
 from __future__ import annotations
@@ -107,12 +107,8 @@ def wrn16_2(num_classes: int = 10, **kw) -> WideResNet:
     return WideResNet(16, 2, num_classes, **kw)
 
 
-def wrn28_10(num_classes: int = 10, **kw) -> WideResNet:
-    return WideResNet(28, 10, num_classes, **kw)
-
-
 def wrn16_1(num_classes: int = 10, **kw) -> WideResNet:
     return WideResNet(16, 1, num_classes, **kw)
 
 
-__all__ = ["WideResNet", "BasicBlock", "wrn16_1", "wrn16_2", "wrn28_10", "wrn40_2"]
+__all__ = ["WideResNet", "BasicBlock", "wrn16_1", "wrn16_2", "wrn40_2"]
