@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
 import warnings
 from netrc import netrc
@@ -33,7 +32,8 @@ from distill.callbacks_localization import localization_callbacks
 from distill.checkpoints import AtomicCheckpointIO, load_network
 from distill.config_schema import check_config, check_model_options
 from distill.ddp import ddp_barrier, ddp_job
-from distill.errors import CheckpointError, ConfigError, DistillError, os_cause, os_error_message, remove_quietly
+from distill.errors import CheckpointError, ConfigError, DistillError, os_cause, os_error_message
+from distill.files import copy_file, write_json
 from distill.identity import checkpoint_stem, data_identity, network_identity
 from distill.models import build_model, inspect_network, model_options, require_network
 from distill.module import ClassifierModule, DistillModule, ExplainSettings, LossWeights
@@ -215,26 +215,11 @@ def metrics_to_floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in sorted(metrics.items())}
 
 
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-        os.replace(tmp, path)
-    except BaseException:
-        remove_quietly(tmp)  # a full disk leaves no metrics.json.tmp behind
-        raise
-
-
 def publish(source: str | Path, target: Path) -> None:
-    """Copy a finished checkpoint to ``target`` atomically (tmp file, then rename)."""
-    tmp = target.with_name(target.name + ".tmp")
+    """Copy a finished checkpoint to ``target`` atomically (tmp file, fsync, rename)."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        copy_file(source, target)
     except OSError as err:
-        remove_quietly(tmp)
         raise CheckpointError(f"could not publish {Path(source).name} as {target.name} in folder {target.parent}: "
                               f"{os_cause(err)}; the trained checkpoint stays in {Path(source).parent}") from None
 
