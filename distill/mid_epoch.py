@@ -1,0 +1,110 @@
+"""Checkpoints inside an epoch, and resuming from them exactly.
+
+``trainer.checkpoint_every_n_steps=N`` / ``trainer.checkpoint_every_minutes=M`` add Lightning
+``ModelCheckpoint`` callbacks that write ``checkpoints/last.ckpt`` (atomically, through
+``AtomicCheckpointIO``) every N optimizer steps / M minutes of training, so ``last.ckpt`` is
+always the latest state and ``resume=<run dir>`` continues from it as from an end-of-epoch one.
+
+What a mid-epoch resume needs beyond Lightning's own loop state (the fit loop's batch progress):
+
+- the training loader starts at the next untrained batch of the same epoch order
+  (:mod:`distill.data.resumable`: Lightning saves and loads the loader's state);
+- the global RNGs (torch CPU and CUDA, numpy, ``random``) continue where they were, since
+  :class:`distill.callbacks.EpochSeeding` only reseeds at epoch starts: :class:`ResumeRng`
+  saves them with every checkpoint and restores them when the run restarts mid-epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+log = logging.getLogger("distill")
+
+KEYS = ("checkpoint_every_n_steps", "checkpoint_every_minutes")  # trainer.* keys read here, not by the Trainer
+
+
+class MidEpochCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that never saves on an epoch's last batch: the end-of-epoch
+    ``last.ckpt`` is written right after, and resuming from it starts the next epoch cleanly."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args, **kwargs) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        super().on_train_batch_end(trainer, *args, **kwargs)
+
+
+def mid_epoch_checkpoints(run_dir: Path, every_n_steps: int | None, every_minutes: float | None) -> list[ModelCheckpoint]:
+    """One :class:`MidEpochCheckpoint` writing ``run_dir/checkpoints/last.ckpt`` per option set."""
+    common = {"dirpath": run_dir / "checkpoints", "filename": "last", "monitor": None, "save_top_k": 1,
+              "auto_insert_metric_name": False, "enable_version_counter": False}
+    callbacks = []
+    if every_n_steps:
+        callbacks.append(MidEpochCheckpoint(every_n_train_steps=int(every_n_steps), **common))
+    if every_minutes:
+        callbacks.append(MidEpochCheckpoint(train_time_interval=timedelta(minutes=float(every_minutes)), **common))
+    return callbacks
+
+
+def rng_states() -> dict[str, Any]:
+    """The global RNG states, as tensors and plain containers only (the safe loader reads them)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class ResumeRng(pl.Callback):
+    """Save the global RNG states with every checkpoint; restore them when training restarts
+    in the middle of an epoch (at an epoch start, :class:`~distill.callbacks.EpochSeeding` reseeds).
+
+    Also loads the training loader's saved position where Lightning 2.6 skips it: when
+    ``configure_optimizers`` asks for ``trainer.estimated_stepping_batches`` (per-step
+    schedulers), the loader is made before the checkpoint is restored
+    (Lightning-AI/pytorch-lightning#20550); it is then loaded here and its iterator remade.
+    """
+
+    def __init__(self) -> None:
+        self._saved: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._saved = state_dict.get("rng")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        saved, self._saved = self._saved, None
+        fit_loop = trainer.fit_loop
+        if not fit_loop.restarted_mid_epoch:
+            return
+        if getattr(fit_loop, "_combined_loader_states_to_load", None) and fit_loop._data_fetcher is not None:
+            fit_loop._load_combined_loader_states()
+            iter(fit_loop._data_fetcher)  # remade from the loaded position (it prefetches again)
+        if saved is not None:
+            set_rng_states(saved)
+        log.info("Resumed mid-epoch: epoch %d after batch %d", trainer.current_epoch,
+                 fit_loop.epoch_loop.batch_progress.current.processed)
+
+
+__all__ = ["KEYS", "MidEpochCheckpoint", "ResumeRng", "mid_epoch_checkpoints", "rng_states", "set_rng_states"]
