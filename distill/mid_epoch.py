@@ -10,8 +10,9 @@ What a mid-epoch resume needs beyond Lightning's own loop state (the fit loop's 
 - the training loader starts at the next untrained batch of the same epoch order
   (:mod:`distill.data.resumable`: Lightning saves and loads the loader's state);
 - the global RNGs (torch CPU and CUDA, numpy, ``random``) continue where they were, since
-  :class:`distill.callbacks.EpochSeeding` only reseeds at epoch starts: :class:`ResumeRng`
-  saves them with every checkpoint and restores them when the run restarts mid-epoch.
+  :class:`distill.callbacks.EpochSeeding` only reseeds at epoch starts, and the epoch's training
+  metric goes on from the batches already trained: :class:`MidEpochState` saves both with every
+  checkpoint and restores them when the run restarts mid-epoch.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torchmetrics import Metric
 
 log = logging.getLogger("distill")
 
@@ -33,11 +35,14 @@ KEYS = ("checkpoint_every_n_steps", "checkpoint_every_minutes")  # trainer.* key
 
 
 class MidEpochCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that never saves on an epoch's last batch: the end-of-epoch
-    ``last.ckpt`` is written right after, and resuming from it starts the next epoch cleanly."""
+    """``ModelCheckpoint`` that never saves on an epoch's last batch (the end-of-epoch
+    ``last.ckpt`` is written right after) nor inside a gradient-accumulation window (the
+    accumulated gradients are not in a checkpoint): a time-based save then waits for the next
+    optimizer step."""
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args, **kwargs) -> None:
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if epoch_loop.batch_progress.is_last_batch or epoch_loop._should_accumulate():
             return
         super().on_train_batch_end(trainer, *args, **kwargs)
 
@@ -74,9 +79,29 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-class ResumeRng(pl.Callback):
-    """Save the global RNG states with every checkpoint; restore them when training restarts
-    in the middle of an epoch (at an epoch start, :class:`~distill.callbacks.EpochSeeding` reseeds).
+def metric_states(metric: Metric) -> dict[str, Any]:
+    """``metric``'s accumulated states, summed over the DDP ranks (a collective: every rank calls it)."""
+    with metric.sync_context(should_sync=True):
+        return {name: value.detach().cpu().clone() if isinstance(value, torch.Tensor) else
+                [v.detach().cpu().clone() for v in value] for name, value in metric.metric_state.items()}
+
+
+def set_metric_states(metric: Metric, states: dict[str, Any]) -> None:
+    for name, value in states.items():
+        on = value.to(metric.device) if isinstance(value, torch.Tensor) else [v.to(metric.device) for v in value]
+        setattr(metric, name, on)
+    metric._update_count = max(metric._update_count, 1)
+    metric._computed = None
+
+
+class MidEpochState(pl.Callback):
+    """Save, with every checkpoint, what the loop state does not hold, and restore it when
+    training restarts in the middle of an epoch (at an epoch start,
+    :class:`~distill.callbacks.EpochSeeding` reseeds and the epoch's metrics start empty):
+
+    - the global RNG states (torch CPU and CUDA, numpy, ``random``);
+    - the module's ``train_score`` metric (logged per epoch), accumulated over the epoch's
+      trained batches (summed over DDP ranks; restored on rank 0).
 
     Also loads the training loader's saved position where Lightning 2.6 skips it: when
     ``configure_optimizers`` asks for ``trainer.estimated_stepping_batches`` (per-step
@@ -84,27 +109,37 @@ class ResumeRng(pl.Callback):
     (Lightning-AI/pytorch-lightning#20550); it is then loaded here and its iterator remade.
     """
 
+    KEY = "distill_mid_epoch"
+
     def __init__(self) -> None:
         self._saved: dict[str, Any] | None = None
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"rng": rng_states()}
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        saved: dict[str, Any] = {"rng": rng_states()}
+        metric = getattr(pl_module, "train_score", None)
+        if isinstance(metric, Metric):
+            saved["train_score"] = metric_states(metric)
+        checkpoint[self.KEY] = saved
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._saved = state_dict.get("rng")
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._saved = checkpoint.get(self.KEY)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        saved, self._saved = self._saved, None
+        saved, self._saved = self._saved or {}, None
         fit_loop = trainer.fit_loop
         if not fit_loop.restarted_mid_epoch:
             return
         if getattr(fit_loop, "_combined_loader_states_to_load", None) and fit_loop._data_fetcher is not None:
             fit_loop._load_combined_loader_states()
             iter(fit_loop._data_fetcher)  # remade from the loaded position (it prefetches again)
-        if saved is not None:
-            set_rng_states(saved)
+        metric = getattr(pl_module, "train_score", None)
+        if "train_score" in saved and isinstance(metric, Metric) and trainer.global_rank == 0:
+            set_metric_states(metric, saved["train_score"])
+        if "rng" in saved:
+            set_rng_states(saved["rng"])
         log.info("Resumed mid-epoch: epoch %d after batch %d", trainer.current_epoch,
                  fit_loop.epoch_loop.batch_progress.current.processed)
 
 
-__all__ = ["KEYS", "MidEpochCheckpoint", "ResumeRng", "mid_epoch_checkpoints", "rng_states", "set_rng_states"]
+__all__ = ["KEYS", "MidEpochCheckpoint", "MidEpochState", "metric_states", "mid_epoch_checkpoints", "rng_states",
+           "set_metric_states", "set_rng_states"]

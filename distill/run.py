@@ -118,7 +118,7 @@ def build_trainer(cfg: DictConfig, logger: Logger | None, callbacks: list[pl.Cal
     return instantiate(
         OmegaConf.create(trainer_cfg), "the trainer (trainer=...)",
         logger=logger if logger is not None else False,
-        callbacks=[*callbacks, EpochTimer(), EpochSeeding(int(cfg.seed)), mid_epoch.ResumeRng(),
+        callbacks=[*callbacks, EpochTimer(), EpochSeeding(int(cfg.seed)), mid_epoch.MidEpochState(),
                    console.CountTestImages()],
         plugins=[AtomicCheckpointIO(trusted=bool(cfg.get("trust_checkpoints", False)))],
         default_root_dir=str(output_dir(cfg)),

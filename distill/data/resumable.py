@@ -55,8 +55,9 @@ class SkipFirst:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[Any]:
+        # Taken at the first draw, not at iter(): DataLoader iterators call iter() twice when made.
         skip, self.skip = self.skip, 0
-        return itertools.islice(iter(self.batches), skip, None)
+        yield from itertools.islice(iter(self.batches), skip, None)
 
 
 class ResumableLoader(DataLoader):
