@@ -103,10 +103,12 @@ class MidEpochState(pl.Callback):
     - the module's ``train_score`` metric (logged per epoch), accumulated over the epoch's
       trained batches (summed over DDP ranks; restored on rank 0).
 
-    Also loads the training loader's saved position where Lightning 2.6 skips it: when
-    ``configure_optimizers`` asks for ``trainer.estimated_stepping_batches`` (per-step
-    schedulers), the loader is made before the checkpoint is restored
-    (Lightning-AI/pytorch-lightning#20550); it is then loaded here and its iterator remade.
+    Also loads the training loader's saved position where Lightning 2.6 does not: from an
+    end-of-epoch checkpoint (Lightning loads loader states only when restarting inside an epoch,
+    but its first iterator was already made, and the first batches drawn, before the sampler
+    was told the epoch), and when ``configure_optimizers`` asks for
+    ``trainer.estimated_stepping_batches`` (per-step schedulers: the loader is made before the
+    checkpoint is restored, Lightning-AI/pytorch-lightning#20550). The iterator is then remade.
     """
 
     KEY = "distill_mid_epoch"
@@ -127,11 +129,13 @@ class MidEpochState(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         saved, self._saved = self._saved or {}, None
         fit_loop = trainer.fit_loop
+        pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
+        if pending and fit_loop._combined_loader is not None and fit_loop._data_fetcher is not None:
+            fit_loop._combined_loader._load_state_dicts(pending)
+            fit_loop._combined_loader_states_to_load = []
+            iter(fit_loop._data_fetcher)  # remade from the loaded position (it prefetches again)
         if not fit_loop.restarted_mid_epoch:
             return
-        if getattr(fit_loop, "_combined_loader_states_to_load", None) and fit_loop._data_fetcher is not None:
-            fit_loop._load_combined_loader_states()
-            iter(fit_loop._data_fetcher)  # remade from the loaded position (it prefetches again)
         metric = getattr(pl_module, "train_score", None)
         if "train_score" in saved and isinstance(metric, Metric) and trainer.global_rank == 0:
             set_metric_states(metric, saved["train_score"])

@@ -45,8 +45,9 @@ def student_state(run_dir: Path) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------ resume
 def test_killed_run_resumes_to_the_same_weights_metrics_and_wandb_run(teacher_ckpt, tmp_path):
+    # 2 workers: their iterator draws the first batches before Lightning tells the sampler the epoch
     args = ["experiment=smoke", "logger=wandb", "explain=gradcampp", "kd=hinton", f"teacher.checkpoint={teacher_ckpt}",
-            "data.num_train=512", "trainer.max_epochs=3"]
+            "data.num_train=512", "trainer.max_epochs=3", "data.num_workers=2"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_train([*args, f"hydra.run.dir={straight}"], tmp_path).returncode == 0
 
@@ -84,11 +85,18 @@ def saved_step(path: Path) -> int | None:
         return None
 
 
-def test_run_killed_mid_epoch_resumes_from_the_mid_epoch_checkpoint_to_the_same_weights(teacher_ckpt, tmp_path):
+@pytest.mark.parametrize("variant", [
+    [],
+    # a per-step scheduler makes Lightning build the loader before it restores the checkpoint
+    # (Lightning-AI/pytorch-lightning#20550), and workers draw the first batches as the iterator is made
+    ["optim=sgd_cosine", "~optim.scheduler.milestones", "data.num_workers=2"],
+], ids=["default", "per_step_scheduler_and_workers"])
+def test_run_killed_mid_epoch_resumes_from_the_mid_epoch_checkpoint_to_the_same_weights(variant, teacher_ckpt,
+                                                                                        tmp_path):
     # 8 batches an epoch, last.ckpt also every 10 steps: the one mid-epoch save is epoch 1 after 2 of its batches.
     args = ["experiment=smoke", "logger=none", "explain=gradcampp", "kd=hinton", f"teacher.checkpoint={teacher_ckpt}",
             "data.num_train=256", "trainer.limit_train_batches=null", "trainer.max_epochs=2",
-            "trainer.checkpoint_every_n_steps=10"]
+            "trainer.checkpoint_every_n_steps=10", *variant]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_train([*args, f"hydra.run.dir={straight}"], tmp_path).returncode == 0
 
