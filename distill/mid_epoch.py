@@ -47,7 +47,8 @@ class MidEpochCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, *args, **kwargs)
 
 
-def mid_epoch_checkpoints(run_dir: Path, every_n_steps: int | None, every_minutes: float | None) -> list[ModelCheckpoint]:
+def mid_epoch_checkpoints(run_dir: Path, every_n_steps: int | None,
+                          every_minutes: float | None) -> list[ModelCheckpoint]:
     """One :class:`MidEpochCheckpoint` writing ``run_dir/checkpoints/last.ckpt`` per option set."""
     common = {"dirpath": run_dir / "checkpoints", "filename": "last", "monitor": None, "save_top_k": 1,
               "auto_insert_metric_name": False, "enable_version_counter": False}
