@@ -11,7 +11,11 @@ from lightning.pytorch.loggers import WandbLogger
 
 
 class EpochTimer(pl.Callback):
-    """Logs the wall-clock seconds of every training epoch as ``time/epoch_s``."""
+    """Logs the wall-clock seconds of every training epoch as ``time/epoch_s`` (of a resumed
+    epoch's part since the resume: a mid-epoch restart calls no ``on_train_epoch_start``)."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()

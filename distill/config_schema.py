@@ -250,6 +250,9 @@ class Trainer(Strict):
     # read by the LightningModule (distill.run.MODULE_TRAINER_KEYS), not the Trainer
     skip_nonfinite: bool = False
     max_skipped_steps: PosInt = 10
+    # read by distill (distill.mid_epoch.KEYS): last.ckpt also every N optimizer steps / M minutes
+    checkpoint_every_n_steps: PosInt | None = None
+    checkpoint_every_minutes: PosFloat | None = None
 
 
 # ------------------------------------------------------------------------------------------- the rest

@@ -24,7 +24,8 @@ log = logging.getLogger("distill")
 # Keys (or key prefixes, ending in ".") that an override may change when resuming.
 SAFE_KEYS = (
     "resume", "trust_checkpoints", "resume_fallback", "trainer.max_epochs", "trainer.enable_progress_bar",
-    "trainer.log_every_n_steps", "trainer.enable_model_summary", "logger", "logger.", "paths.log_dir",
+    "trainer.log_every_n_steps", "trainer.enable_model_summary", "trainer.checkpoint_every_n_steps",
+    "trainer.checkpoint_every_minutes", "logger", "logger.", "paths.log_dir",
     "paths.data_dir", "data.num_workers",
 )
 IGNORED_KEYS = ("paths.output_dir",)  # the resumed run's own folder is used

@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from distill import console
+from distill import console, mid_epoch
 from distill.callbacks import EpochSeeding, EpochTimer, ExplanationPanel
 from distill.callbacks_localization import localization_callbacks
 from distill.checkpoints import AtomicCheckpointIO, load_network
@@ -111,14 +111,15 @@ def finish_logger(logger: Logger | None) -> None:
 # ---------------------------------------------------------------------------- trainer
 def build_trainer(cfg: DictConfig, logger: Logger | None, callbacks: list[pl.Callback]) -> pl.Trainer:
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    for key in MODULE_TRAINER_KEYS:  # read by the LightningModule, not the Trainer
+    for key in (*MODULE_TRAINER_KEYS, *mid_epoch.KEYS):  # read by the LightningModule / distill, not the Trainer
         trainer_cfg.pop(key, None)
     if logger is not None:
         callbacks = [*callbacks, LearningRateMonitor(logging_interval="epoch")]
     return instantiate(
         OmegaConf.create(trainer_cfg), "the trainer (trainer=...)",
         logger=logger if logger is not None else False,
-        callbacks=[*callbacks, EpochTimer(), EpochSeeding(int(cfg.seed)), console.CountTestImages()],
+        callbacks=[*callbacks, EpochTimer(), EpochSeeding(int(cfg.seed)), mid_epoch.MidEpochState(),
+                   console.CountTestImages()],
         plugins=[AtomicCheckpointIO(trusted=bool(cfg.get("trust_checkpoints", False)))],
         default_root_dir=str(output_dir(cfg)),
     )
@@ -231,7 +232,9 @@ def fit_and_test(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.Lig
     logger = build_logger(cfg, run_name(cfg, stage), run_dir)
     remember_wandb_run(logger, run_dir)
     best, last = checkpoint_callbacks(run_dir, monitor=f"val/{module.task.score_name}")
-    extra_callbacks = [*extra_callbacks, *localization_callbacks(datamodule)]  # VOC box localisation
+    within_epoch = mid_epoch.mid_epoch_checkpoints(run_dir, cfg.trainer.get("checkpoint_every_n_steps"),
+                                                   cfg.trainer.get("checkpoint_every_minutes"))  # also last.ckpt
+    extra_callbacks = [*within_epoch, *extra_callbacks, *localization_callbacks(datamodule)]  # VOC box localisation
     trainer = build_trainer(cfg, logger, [best, last, *extra_callbacks])
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -45,8 +45,9 @@ def student_state(run_dir: Path) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------ resume
 def test_killed_run_resumes_to_the_same_weights_metrics_and_wandb_run(teacher_ckpt, tmp_path):
+    # 2 workers: their iterator draws the first batches before Lightning tells the sampler the epoch
     args = ["experiment=smoke", "logger=wandb", "explain=gradcampp", "kd=hinton", f"teacher.checkpoint={teacher_ckpt}",
-            "data.num_train=512", "trainer.max_epochs=3"]
+            "data.num_train=512", "trainer.max_epochs=3", "data.num_workers=2"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_train([*args, f"hydra.run.dir={straight}"], tmp_path).returncode == 0
 
@@ -69,6 +70,54 @@ def test_killed_run_resumes_to_the_same_weights_metrics_and_wandb_run(teacher_ck
     run_dirs = {p.name.rsplit("-", 1)[-1] for p in (killed / "wandb").glob("offline-run-*")}
     assert run_dirs == {run_id}, run_dirs  # the resumed process logged into the same W&B run
 
+    a, b = student_state(straight), student_state(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    assert final_metrics(killed) == pytest.approx(final_metrics(straight), abs=1e-6)
+
+
+def saved_step(path: Path) -> int | None:
+    """The ``global_step`` of the checkpoint at ``path`` (None while there is none)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return None
+
+
+@pytest.mark.parametrize("variant", [
+    [],
+    # a per-step scheduler makes Lightning build the loader before it restores the checkpoint
+    # (Lightning-AI/pytorch-lightning#20550), and workers draw the first batches as the iterator is made
+    ["optim=sgd_cosine", "~optim.scheduler.milestones", "data.num_workers=2"],
+], ids=["default", "per_step_scheduler_and_workers"])
+def test_run_killed_mid_epoch_resumes_from_the_mid_epoch_checkpoint_to_the_same_weights(variant, teacher_ckpt,
+                                                                                        tmp_path):
+    # 8 batches an epoch, last.ckpt also every 10 steps: the one mid-epoch save is epoch 1 after 2 of its batches.
+    args = ["experiment=smoke", "logger=none", "explain=gradcampp", "kd=hinton", f"teacher.checkpoint={teacher_ckpt}",
+            "data.num_train=256", "trainer.limit_train_batches=null", "trainer.max_epochs=2",
+            "trainer.checkpoint_every_n_steps=10", *variant]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_train([*args, f"hydra.run.dir={straight}"], tmp_path).returncode == 0
+
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    cmd = [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={killed}", f"paths.log_dir={tmp_path}/logs"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while saved_step(last) != 10 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 10 and checkpoint["epoch"] == 1  # killed mid-epoch, after the mid-epoch save
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
+    assert progress["processed"] == 2, progress
+
+    resumed = run_train([f"resume={killed}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed mid-epoch: epoch 1 after batch 2" in resumed.stderr + resumed.stdout
     a, b = student_state(straight), student_state(killed)
     assert a.keys() == b.keys()
     for key in a:

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from distill.data.on_device import DeviceBatches, UInt8Images
+from distill.data.resumable import ResumableLoader, training_position
 from distill.errors import ConfigError
 
 
@@ -258,7 +259,8 @@ class BaseDataModule(pl.LightningDataModule):
             return DeviceBatches.for_trainer(dataset, batch_size, self.trainer, train=train,
                                              augment=self.augment, seed=self.seed, padding=padding)
         sampler = EpochShuffleSampler(len(dataset), self.seed) if train else None
-        return DataLoader(
+        resumable = {"position": lambda: training_position(self.trainer)} if train else {}
+        return (ResumableLoader if train else DataLoader)(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
@@ -267,6 +269,7 @@ class BaseDataModule(pl.LightningDataModule):
             num_workers=self.loader_workers(),
             persistent_workers=self.loader_workers() > 0,
             pin_memory=torch.cuda.is_available(),
+            **resumable,
         )
 
     def loader_workers(self) -> int:

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from distill.data.resumable import resume_point, training_position
+
 SEED_STRIDE = 1_000_003  # epochs of one seed never reach the next seed's generator seeds
 
 
@@ -155,6 +157,8 @@ class DeviceBatches:
         self.rank, self.world_size = int(rank), int(world_size)
         self.sampler = EpochSampler()  # Lightning calls sampler.set_epoch(epoch) before every epoch
         self.batch_sampler = None  # what Lightning reads next to `sampler` (a DataLoader's attributes)
+        self.position = None  # for a mid-epoch resume (distill.data.resumable): set by for_trainer
+        self._skip = 0
 
     @classmethod
     def for_trainer(cls, dataset: UInt8Images, batch_size: int, trainer=None, **kwargs) -> DeviceBatches:
@@ -164,8 +168,19 @@ class DeviceBatches:
         else:
             device, rank, world_size = trainer.strategy.root_device, trainer.global_rank, trainer.world_size
         images, labels = dataset.on(device)
-        return cls(images, labels, batch_size, dataset.mean, dataset.std, rank=rank, world_size=world_size,
-                   **kwargs)
+        batches = cls(images, labels, batch_size, dataset.mean, dataset.std, rank=rank, world_size=world_size,
+                      **kwargs)
+        batches.position = lambda: training_position(trainer)
+        return batches
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands (Lightning saves it with each checkpoint: a mid-epoch resume)."""
+        return self.position() if self.position is not None else training_position(None)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue at the saved epoch and batch (:func:`distill.data.resumable.resume_point`)."""
+        epoch, self._skip = resume_point(state)
+        self.sampler.set_epoch(epoch)
 
     @property
     def device(self) -> torch.device:
@@ -204,7 +219,8 @@ class DeviceBatches:
             # One small host-to-device copy per epoch; nothing per batch goes through the host.
             draws = torch.stack([dy[index], dx[index], flip[index].long()]).to(self.device, non_blocking=True)
         index = index.to(self.device, non_blocking=True)
-        for i in range(len(self)):
+        skip, self._skip = self._skip, 0  # a mid-epoch resume starts at the saved batch (once)
+        for i in range(skip, len(self)):
             batch = slice(i * self.batch_size, (i + 1) * self.batch_size)
             with one_cpu_thread(self.device):
                 idx = index[batch]
