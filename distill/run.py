@@ -44,6 +44,11 @@ log = logging.getLogger("distill")
 
 STAGES = ("teacher", "baseline", "distill")
 MODULE_TRAINER_KEYS = ("skip_nonfinite", "max_skipped_steps")  # trainer.* keys the LightningModule reads
+
+
+def distill_trainer_keys() -> tuple[str, ...]:
+    """``trainer.*`` keys that distill reads and Lightning's ``Trainer`` does not take."""
+    return (*MODULE_TRAINER_KEYS, *mid_epoch.KEYS)
 WANDB_ID_FILE = "wandb_run_id"
 
 
@@ -111,7 +116,7 @@ def finish_logger(logger: Logger | None) -> None:
 # ---------------------------------------------------------------------------- trainer
 def build_trainer(cfg: DictConfig, logger: Logger | None, callbacks: list[pl.Callback]) -> pl.Trainer:
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    for key in (*MODULE_TRAINER_KEYS, *mid_epoch.KEYS):  # read by the LightningModule / distill, not the Trainer
+    for key in distill_trainer_keys():  # read by the LightningModule / distill, not the Trainer
         trainer_cfg.pop(key, None)
     if logger is not None:
         callbacks = [*callbacks, LearningRateMonitor(logging_interval="epoch")]

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from distill.models import build_model
 from distill.module import ExplainSettings, LossWeights
 from distill.optim import build_scheduler
-from distill.run import MODULE_TRAINER_KEYS, build_logger
+from distill.run import build_logger, distill_trainer_keys
 from tests.conftest import CONFIG_DIR, compose_config
 from tests.tiny_datasets import write_image_tree
 
@@ -63,7 +63,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     elif group == "trainer":
         if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
             pytest.skip("trainer=gpu needs a GPU to instantiate; composed fine")
-        trainer_cfg = {k: v for k, v in cfg.trainer.items() if k not in MODULE_TRAINER_KEYS}  # read by the module
+        trainer_cfg = {k: v for k, v in cfg.trainer.items() if k not in distill_trainer_keys()}  # read by distill
         built = hydra.utils.instantiate(trainer_cfg, logger=False, enable_checkpointing=False)
         assert isinstance(built, pl.Trainer)
         assert not built.predict_loop.inference_mode  # maps need autograd at evaluation
