@@ -326,12 +326,19 @@ def resolve_teacher(cfg: DictConfig, datamodule: pl.LightningDataModule) -> tupl
     return teacher, path
 
 
+def check_contract(cfg: DictConfig, role: str, model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` follows the model contract and its head is measured; else one line, before any training."""
+    require_network(model, role, model_label(cfg[role]), stages=cfg.kd.at_weight > 0)
+    inspect_network(model, example_images(cfg))
+    return model
+
+
 def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
+    student = check_contract(cfg, "student", network(cfg, "student"))
+    if not cfg.teacher.get("as_is"):  # a teacher trained first must fit the contract before it is trained
+        check_contract(cfg, "teacher", network(cfg, "teacher", weights_from_checkpoint=True))
     teacher, teacher_path = resolve_teacher(cfg, datamodule)
-    student = network(cfg, "student")
-    for role, model in (("teacher", teacher), ("student", student)):  # before any training step
-        require_network(model, role, model_label(cfg[role]), stages=cfg.kd.at_weight > 0)
-        inspect_network(model, example_images(cfg))
+    check_contract(cfg, "teacher", teacher)
     for role, model in (("teacher", teacher), ("student", student)):  # the backbone only; the head
         if cfg[role].get("compile"):  # stays eager, so the maps' double backward never enters compiled code
             model.forward_features = torch.compile(model.forward_features)

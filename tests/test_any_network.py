@@ -146,7 +146,7 @@ def test_channels_last_features_are_permuted():
 
 def test_vit_is_refused_with_what_to_use():
     model = build_model("timm", 5, arch="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
-    with pytest.raises(ConfigError, match=r"token models .* explain=none"):
+    with pytest.raises(ConfigError, match=r"token models .* stage=teacher\|baseline"):
         inspect_network(model, torch.randn(2, 3, 32, 32))
 
 
@@ -336,3 +336,14 @@ def test_a_model_without_the_contract_stops_before_training_also_without_explana
             DistillModule(Plain(), build_model("wrn16_1", 5), optimizer=partial(torch.optim.SGD, lr=0.1),
                           weights=weights)
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_vit_teacher_is_refused_before_it_is_trained(tmp_path):
+    from tests.conftest import run_train
+
+    proc = run_train(["experiment=smoke", "logger=none", "teacher=timm", "teacher.arch=vit_tiny_patch16_224",
+                      "+teacher.img_size=16"], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: TimmNetwork.forward_features gives shape")
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing was trained

@@ -184,8 +184,8 @@ def check_map_features(model: nn.Module, features: Tensor) -> None:
     if features.dim() != 4:
         raise ConfigError(
             f"{type(model).__name__}.forward_features gives shape {tuple(features.shape)}, not a (B, K, h, w) map: "
-            "token models (ViT, DeiT) have no spatial map to explain here; use them with explain=none "
-            "(kd=hinton|dkd), or explain a CNN"
+            "token models (ViT, DeiT) have no spatial map to explain here: distill with CNN teachers and "
+            "students, and train a ViT alone with stage=teacher|baseline"
         )
 
 
