@@ -169,11 +169,15 @@ def test_smoke_experiment_on_an_image_folder_end_to_end(tmp_path):
 
     _tiny_folder(tmp_path / "tree")
     proc = run_train(["experiment=smoke", "data=image_folder", f"data.root={tmp_path / 'tree'}", "data.num_classes=3",
-                      "logger=csv"], tmp_path)
+                      "data.test_subset=6", "logger=csv"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (metrics_path,) = (tmp_path / "logs").rglob("metrics.json")
-    record = json.loads(metrics_path.read_text())["test_images"]
-    assert record == {**record, "used": 12, "of": 12, "partial": False}  # 12 test images < 2 batches of 32
+    result = json.loads(metrics_path.read_text())
+    assert result["test_images"] == {"used": 6, "of": 12, "partial": True,
+                                     "per_metric": {k: 6 for k in result["metrics"] if k.startswith("test/")
+                                                    and k != "test/num_images"}}
+    assert "test/acc" in result["test_images"]["per_metric"]
+    assert "Test metrics on a PARTIAL test set (6 of 12 images):" in proc.stdout
 
 
 # ---------------------------------------------------------------------------- the filters themselves
