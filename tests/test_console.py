@@ -55,6 +55,11 @@ def test_table_of_a_teacher_run_and_of_a_whole_test_set(tmp_path):
     assert "agreement" not in table[0]
     assert partial_note(64, 64) == "" and partial_note(None, 64) == ""
     assert partial_note(1000, 10000) == "partial test set: 1,000 of 10,000 images"
+    voc = {"stage": "distill", "metrics": {"test/map11": 0.4213, "test/teacher_map11": 0.5, "test/agreement": 0.9},
+           "config": {"teacher": {"name": "vgg16"}, "student": {"name": "vgg11_student"}}}
+    header, teacher, student = metrics_table(voc)
+    assert "mAP (11-point)" in header and "map cosine" not in header  # multi-label: mAP, not scaled to %
+    assert teacher.split()[2:] == ["0.5000"] and student.split()[2:] == ["0.4213", "90.00"]
     text = report_run({"stage": "baseline", "metrics": {}, "config": {}}, tmp_path)
     assert "No test metrics" in text and "wandb sync" not in text
 
