@@ -139,6 +139,7 @@ def metrics_table(result: dict) -> list[str]:
     if score is None:
         return []
     header, scale = SCORES[score]
+    digits = 2 if scale == 100.0 else 4  # accuracy in %, mAP as a fraction
 
     def name(role: str) -> str:
         node = config.get(role)
@@ -151,11 +152,11 @@ def metrics_table(result: dict) -> list[str]:
 
     rows = []
     if stage == "distill":
-        rows.append([name("teacher"), pct(f"test/teacher_{score}", scale), "", ""])
-        rows.append([name("student"), pct(f"test/{score}", scale), pct("test/agreement", 100.0),
+        rows.append([name("teacher"), pct(f"test/teacher_{score}", scale, digits), "", ""])
+        rows.append([name("student"), pct(f"test/{score}", scale, digits), pct("test/agreement", 100.0),
                      pct("test/map_cosine", 1.0, 4)])
     else:
-        rows.append([name("teacher" if stage == "teacher" else "student"), pct(f"test/{score}", scale), "", ""])
+        rows.append([name("teacher" if stage == "teacher" else "student"), pct(f"test/{score}", scale, digits), "", ""])
     headers = ["model", header, "agreement %", "map cosine"]
     keep = [i for i in range(len(headers)) if i < 2 or any(row[i] for row in rows)]
     table = [[headers[i] for i in keep]] + [[row[i] for i in keep] for row in rows]

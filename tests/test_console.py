@@ -55,6 +55,11 @@ def test_table_of_a_teacher_run_and_of_a_whole_test_set(tmp_path):
     assert "agreement" not in table[0]
     assert partial_note(64, 64) == "" and partial_note(None, 64) == ""
     assert partial_note(1000, 10000) == "partial test set: 1,000 of 10,000 images"
+    voc = {"stage": "distill", "metrics": {"test/map11": 0.4213, "test/teacher_map11": 0.5, "test/agreement": 0.9},
+           "config": {"teacher": {"name": "vgg16"}, "student": {"name": "vgg11_student"}}}
+    header, teacher, student = metrics_table(voc)
+    assert "mAP (11-point)" in header and "map cosine" not in header  # multi-label: mAP, not scaled to %
+    assert teacher.split()[2:] == ["0.5000"] and student.split()[2:] == ["0.4213", "90.00"]
     text = report_run({"stage": "baseline", "metrics": {}, "config": {}}, tmp_path)
     assert "No test metrics" in text and "wandb sync" not in text
 
@@ -169,11 +174,15 @@ def test_smoke_experiment_on_an_image_folder_end_to_end(tmp_path):
 
     _tiny_folder(tmp_path / "tree")
     proc = run_train(["experiment=smoke", "data=image_folder", f"data.root={tmp_path / 'tree'}", "data.num_classes=3",
-                      "logger=csv"], tmp_path)
+                      "data.test_subset=6", "logger=csv"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (metrics_path,) = (tmp_path / "logs").rglob("metrics.json")
-    record = json.loads(metrics_path.read_text())["test_images"]
-    assert record == {**record, "used": 12, "of": 12, "partial": False}  # 12 test images < 2 batches of 32
+    result = json.loads(metrics_path.read_text())
+    assert result["test_images"] == {"used": 6, "of": 12, "partial": True,
+                                     "per_metric": {k: 6 for k in result["metrics"] if k.startswith("test/")
+                                                    and k != "test/num_images"}}
+    assert "test/acc" in result["test_images"]["per_metric"]
+    assert "Test metrics on a PARTIAL test set (6 of 12 images):" in proc.stdout
 
 
 # ---------------------------------------------------------------------------- the filters themselves

@@ -309,6 +309,8 @@ def test_test_subset_covers_every_class_of_a_sorted_folder(tmp_path):
     assert len(dm.validation_images()) == 18  # test_subset leaves validation alone
     with pytest.raises(ConfigError, match="test_subset=19 exceeds the 18"):
         _folder_dm(tmp_path, test_subset=19).test_dataloader()
+    with pytest.raises(ConfigError, match="test_subset=19 exceeds the 18"):  # already when training starts
+        _folder_dm(tmp_path, test_subset=19).train_dataloader()
     with pytest.raises(ConfigError, match="test_subset must be an integer >= 1"):
         _folder_dm(tmp_path, test_subset=0)
 

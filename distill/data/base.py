@@ -288,6 +288,8 @@ class BaseDataModule(pl.LightningDataModule):
                 f"images, so no full batch fits (the last incomplete batch is dropped); "
                 f"lower data.batch_size or use more training data"
             )
+        if self.test_set is not None:  # before training, not after it
+            self.check_subset(self.test_subset, len(self.test_set), "test_subset", "test images")
         return self._loader(self.train_set, self.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -309,10 +311,14 @@ class BaseDataModule(pl.LightningDataModule):
         return self.evaluation_view(self.test_set, self.test_subset, self.seed + 3, "test_subset", "test images")
 
     @staticmethod
-    def evaluation_view(dataset: Dataset, subset: int | None, seed: int, what: str, items: str) -> Dataset:
-        n = len(dataset)
+    def check_subset(subset: int | None, n: int, what: str, items: str) -> None:
         if subset is not None and subset > n:
             raise ConfigError(f"data.{what}={subset} exceeds the {n} {items}; lower it or set data.{what}=null")
+
+    @classmethod
+    def evaluation_view(cls, dataset: Dataset, subset: int | None, seed: int, what: str, items: str) -> Dataset:
+        n = len(dataset)
+        cls.check_subset(subset, n, what, items)
         order = class_interleaved_order(n, dataset_labels(dataset), seed)[:subset]
         if isinstance(dataset, UInt8Images):  # data.on_device=true reads whole tensors
             return UInt8Images(dataset.images, dataset.labels, dataset.mean, dataset.std, order)
