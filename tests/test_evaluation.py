@@ -21,7 +21,7 @@ from distill.evaluation import faithfulness as F
 from distill.evaluation.grid import explanation_grid, figure_array, save_figure
 from distill.evaluation.report import summarize_multirun
 from distill.losses import map_cosine
-from distill.models import inspect_network
+from distill.models import inspect_network, use_general_path
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,7 +38,7 @@ def sig(x: float) -> float:
 
 
 class Tiny(nn.Module):
-    """Explained activations = the image; logits = W mean(A) + b (closed form via cam_linear)."""
+    """Explained activations = the image; logits = W mean(A) + b (a pool + linear head: closed-form maps)."""
 
     def __init__(self, weight, bias):
         super().__init__()
@@ -48,10 +48,6 @@ class Tiny(nn.Module):
             self.fc.bias.copy_(torch.tensor(bias, dtype=torch.float32))
         self.num_classes = len(weight)
 
-    @property
-    def cam_linear(self) -> nn.Linear:
-        return self.fc
-
     def forward_features(self, x):
         return x * 1.0
 
@@ -60,12 +56,6 @@ class Tiny(nn.Module):
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
-
-
-class TinyAutograd(Tiny):
-    """The same network without ``cam_linear``: maps go through autograd."""
-
-    cam_linear = None
 
 
 def image(a0, a1):
@@ -131,9 +121,11 @@ def test_agreement_and_map_cosine_by_hand():
 
 
 # --------------------------------------------------------------------------- a tiny model
-@pytest.mark.parametrize("net", [Tiny, TinyAutograd])
-def test_faithfulness_of_a_tiny_model_by_hand(net):
-    model = net(*STUDENT).eval()
+@pytest.mark.parametrize("path", ["linear", "general"])
+def test_faithfulness_of_a_tiny_model_by_hand(path):
+    model = Tiny(*STUDENT).eval()
+    spec = inspect_network(model, BATCH) if path == "linear" else use_general_path(model, BATCH)
+    assert spec.path == path  # the closed form and the autograd path give the same hand-worked scores
     scores = F.faithfulness_scores(model, BATCH)
     # Sample 1: logits [1.5, 1], c = 0, Y = sig(0.5). Both maps are proportional to A0:
     # min-max [[1, .5], [0, 0]] -> E0 = [[4, 1], [0, 0]], logits(E) = [1.25, 1], O = sig(0.25).

@@ -22,23 +22,20 @@ from distill.evaluation.pointing import (
     sample_grids,
     tile_grids,
 )
+from distill.models import inspect_network, use_general_path
 
 METHODS = ("gradcam", "gradcampp", "hirescam", "xgradcam", "layercam")
 
 
 class Oracle(nn.Module):
-    def __init__(self, classes: int, closed_form: bool = True):
+    def __init__(self, classes: int):
         super().__init__()
+        self.num_classes = classes
         self.mix = nn.Conv2d(classes, classes, 1, bias=False)
         self.fc = nn.Linear(classes, classes, bias=False)
         with torch.no_grad():
             self.mix.weight.copy_((0.5 * torch.ones(classes, classes) + 0.5 * torch.eye(classes))[..., None, None])
             self.fc.weight.copy_(torch.eye(classes))
-        self.closed_form = closed_form
-
-    @property
-    def cam_linear(self):
-        return self.fc if self.closed_form else None
 
     def forward_features(self, x):
         return self.mix(x)
@@ -116,9 +113,12 @@ def test_grids_never_repeat_a_class_and_use_eligible_images_only():
 @pytest.mark.parametrize("closed_form", [True, False])
 def test_oracle_model_scores_the_hand_computed_value(n, closed_form):
     classes = 9
-    model = Oracle(classes, closed_form).eval()
+    model = Oracle(classes).eval()
     labels = torch.arange(classes).repeat(3)
     data = TensorDataset(one_hot_images(labels, classes), labels)
+    features = model.forward_features(data.tensors[0][:2]).detach()
+    spec = inspect_network(model, data.tensors[0][:2]) if closed_form else use_general_path(model, features)
+    assert spec.path == ("linear" if closed_form else "general")
     assert (model(data.tensors[0]).argmax(1) == labels).all()  # every image is classified correctly
     expected = 100.0 / (1 + 0.5 * (n * n - 1))  # 40 % for 2x2, 20 % for 3x3
     result = pointing_game({"": model, "teacher/": model}, data, labels, torch.ones_like(labels, dtype=torch.bool),

@@ -23,6 +23,7 @@ from distill.models.contract import (
     map_logits,
     network_spec,
     require_network,
+    use_general_path,
 )
 from distill.models.vgg import VGG, vgg11_student, vgg16
 from distill.models.wrn import WideResNet, wrn16_1, wrn16_2, wrn40_2
@@ -88,4 +89,5 @@ __all__ = [
     "network_spec",
     "register_model",
     "require_network",
+    "use_general_path",
 ]

@@ -235,6 +235,14 @@ def inspect_head(model: nn.Module, features: Tensor) -> NetworkSpec:
     return spec
 
 
+def use_general_path(model: nn.Module, features: Tensor) -> NetworkSpec:
+    """Measure ``model``'s head on ``features`` ``(B, K, h, w)``, then give it the general autograd path
+    whatever its head allows (as ``explain.closed_form=false`` does for one call)."""
+    spec = NetworkSpec("general", network_spec(model, features).deterministic_head)
+    object.__setattr__(model, _CONTRACT_ATTRIBUTE, spec)
+    return spec
+
+
 def inspect_network(model: nn.Module, images: Tensor) -> NetworkSpec:
     """Check ``model`` against the contract on ``images`` ``(B>=2, 3, H, W)`` and inspect its head."""
     require_network(model, "network", type(model).__name__)
@@ -259,4 +267,5 @@ __all__ = [
     "known_spec",
     "pooled_head",
     "require_network",
+    "use_general_path",
 ]
