@@ -40,7 +40,8 @@ class EpochSeeding(pl.Callback):
 
 class ExplanationPanel(pl.Callback):
     """Every ``every_n_epochs`` (and at the last epoch), a grid of fixed validation images with
-    the teacher's and the student's maps: to W&B (``val/explanations``) and as PNGs in ``out_dir``.
+    the maps of the module's networks (``pl_module.networks()``: teacher and student when
+    distilling, else the one network trained): to W&B (``val/explanations``) and as PNGs in ``out_dir``.
 
     The images are the first ``num_images`` of the validation set in its class-interleaved order
     (``BaseDataModule.validation_images``: one image per class before any class repeats), the
@@ -51,7 +52,7 @@ class ExplanationPanel(pl.Callback):
     ``"pred"`` each model's own top-1 class.
     """
 
-    def __init__(self, every_n_epochs: int = 10, num_images: int = 8, method: str = "gradcampp",
+    def __init__(self, method: str, every_n_epochs: int = 10, num_images: int = 8,
                  out_dir: str | Path | None = None, cell_px: int = 128, target: str = "label") -> None:
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
@@ -62,9 +63,10 @@ class ExplanationPanel(pl.Callback):
         self.images: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
 
-    def columns(self) -> list[tuple[str, str]]:
-        """The map columns after the image, as ``(whose map, method)`` (see ``distill.evaluation.grid``)."""
-        return [("teacher", self.method), ("student", self.method)]
+    def columns(self, pl_module: pl.LightningModule) -> list[tuple[str, str]]:
+        """The map columns after the image, as ``(role, method)`` (see ``distill.evaluation.grid``):
+        one per network of the module, the teacher first."""
+        return [(role, self.method) for role in ("teacher", "student") if role in pl_module.networks()]
 
     def pick_images(self, trainer: pl.Trainer) -> None:
         """Keep the first ``num_images`` of the validation set's class-interleaved order."""
@@ -85,7 +87,8 @@ class ExplanationPanel(pl.Callback):
         from distill.evaluation.grid import figure_array, save_figure
 
         figure = self.render(pl_module, trainer.datamodule)
-        caption = f"epoch {trainer.current_epoch}: image | " + " | ".join(f"{who} {m}" for who, m in self.columns())
+        caption = f"epoch {trainer.current_epoch}: image | " + " | ".join(
+            f"{who} {m}" for who, m in self.columns(pl_module))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("val/explanations", [figure_array(figure)], step=trainer.global_step,
@@ -97,21 +100,22 @@ class ExplanationPanel(pl.Callback):
         """The panel as a matplotlib ``Figure``: ``num_images * cell_px`` by ``(1 + columns) * cell_px`` pixels."""
         from distill.evaluation.grid import explanation_cells, grid_figure, multilabel_cells
 
-        models = (pl_module.teacher, pl_module.model)
-        modes = [m.training for m in models]
-        for m in models:
-            m.eval()
+        networks = pl_module.networks()
+        teacher, student = networks.get("teacher"), networks.get("student", networks.get("teacher"))
+        modes = {name: net.training for name, net in networks.items()}
+        for net in networks.values():
+            net.eval()
         try:
             x, y = self.images.to(pl_module.device), self.labels.to(pl_module.device)
             names = getattr(datamodule, "class_names", None)
-            if y.dim() == 2:  # multi-hot (VOC): one column per positive class and model
-                rows = multilabel_cells(pl_module.model, x, y, datamodule.mean, datamodule.std,
-                                        teacher=pl_module.teacher, class_names=names, method=self.method)
+            if pl_module.task.multilabel:  # one column per positive class and network
+                rows = multilabel_cells(student, x, y, datamodule.mean, datamodule.std,
+                                        teacher=teacher if teacher is not student else None,
+                                        class_names=names, method=self.method)
             else:
-                rows = explanation_cells(pl_module.model, x, y, datamodule.mean, datamodule.std,
-                                         teacher=pl_module.teacher, class_names=names, target=self.target,
-                                         columns=self.columns())
+                rows = explanation_cells(student, x, y, datamodule.mean, datamodule.std, teacher=teacher,
+                                         class_names=names, target=self.target, columns=self.columns(pl_module))
         finally:
-            for m, mode in zip(models, modes, strict=True):
-                m.train(mode)
+            for name, net in networks.items():
+                net.train(modes[name])
         return grid_figure(rows, cell_px=self.cell_px)

@@ -6,9 +6,8 @@ each network, scored by ``distill.evaluation.localization.localization_scores`` 
 ``delta``. Logged at the end of the epoch as ``{val,test}/loc{100*delta:02d}_{role}``, e.g.
 ``test/loc50_student``: the mean over all (image, class) pairs with boxes.
 
-Roles: under the distiller ``student`` (``pl_module.model``) and ``teacher``
-(``pl_module.teacher``); under the plain classifier the one network, named after the stage
-(``teacher`` when training the teacher, else ``student``).
+Roles: the module's networks by role (``pl_module.networks()``: student and teacher when
+distilling, else the one network trained). Batches without boxes (``task.split_batch``) are skipped.
 
 The maps are recomputed here (the networks run once more on the batch, in eval mode, with
 dropout off): the explained classes are the ground-truth positives, not the training
@@ -21,27 +20,21 @@ from collections.abc import Sequence
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import MeanMetric
 
+from distill.errors import ConfigError
 from distill.evaluation.localization import localization_scores
 from distill.explain import network_maps
-
-
-def roles(pl_module: pl.LightningModule) -> list[tuple[str, nn.Module]]:
-    teacher = getattr(pl_module, "teacher", None)
-    if isinstance(teacher, nn.Module):
-        return [("student", pl_module.model), ("teacher", teacher)]
-    stage = (getattr(pl_module, "hparams", None) or {}).get("stage", "student")
-    return [("teacher" if stage == "teacher" else "student", pl_module.model)]
 
 
 class LocalizationCallback(pl.Callback):
     """Mean ``Loc(delta)`` of the maps of every network at validation and test."""
 
-    def __init__(self, deltas: Sequence[float] = (0.0, 0.25, 0.5), method: str = "gradcampp",
-                 on_val: bool = True) -> None:
+    def __init__(self, method: str, deltas: Sequence[float] = (0.0, 0.25, 0.5), on_val: bool = True) -> None:
         self.deltas = tuple(float(d) for d in deltas)
+        if any(not 0.0 <= d < 1.0 for d in self.deltas):
+            raise ConfigError(f"callbacks.localization.deltas must lie in [0, 1), got {list(self.deltas)}")
         self.method = method
         self.on_val = on_val
         self.metrics: dict[str, MeanMetric] = {}
@@ -56,13 +49,15 @@ class LocalizationCallback(pl.Callback):
         return self.metrics[name]
 
     def update(self, pl_module: pl.LightningModule, batch: Sequence[Tensor], stage: str) -> None:
-        if len(batch) < 5:
-            return  # no boxes in this batch
+        x, y, box_data = pl_module.task.split_batch(batch)
+        if box_data is None or not self.deltas:
+            return
         with torch.inference_mode(False):
-            x, y, boxes, box_labels, difficult = (t.clone() for t in batch[:5])  # normal tensors
+            x, y = x.clone(), y.clone()  # normal tensors
+            boxes, box_labels, difficult = (t.clone() for t in box_data)
             target = pl_module.task.map_targets(y, y, "label")  # the ground-truth positives
             target = target.reshape(target.shape[0], -1)
-            for role, model in roles(pl_module):
+            for role, model in pl_module.networks().items():
                 was_training = model.training
                 model.eval()
                 try:
@@ -97,13 +92,4 @@ class LocalizationCallback(pl.Callback):
         self.log_epoch(pl_module, "test")
 
 
-def localization_callbacks(datamodule) -> list[pl.Callback]:
-    """``[LocalizationCallback]`` for a DataModule with boxes (``loc_deltas`` non-empty), else ``[]``."""
-    deltas = getattr(datamodule, "loc_deltas", None)
-    if not deltas:
-        return []
-    return [LocalizationCallback(deltas, getattr(datamodule, "loc_method", "gradcampp"),
-                                 getattr(datamodule, "loc_on_val", True))]
-
-
-__all__ = ["LocalizationCallback", "localization_callbacks", "roles"]
+__all__ = ["LocalizationCallback"]

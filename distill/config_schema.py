@@ -34,6 +34,16 @@ from distill.errors import ConfigError, os_cause
 EXPLAIN_METHODS = ("cam", "gradcam", "gradcampp", "hirescam", "xgradcam", "layercam")  # distill.explain.maps.METHODS
 INTERPRET_LOSSES = ("paper", "normalized", "cosine")  # distill.losses.interpret.INTERPRET_LOSSES
 STAGES = ("teacher", "baseline", "distill")  # distill.run.STAGES
+TASKS = ("multiclass", "multilabel", "multilabel_voc11")  # distill.tasks.TASKS
+# Keys that moved: the old key (as a prefix) -> where it lives now.
+RENAMED = {
+    "explanation_panel": "callbacks.explanation_panel",
+    "data.ap": "task (task=multilabel_voc11 for the 11-point mAP)",
+    "data.loc_deltas": "callbacks.localization.deltas",
+    "data.loc_on_val": "callbacks.localization.on_val",
+    "data.loc_method": "eval_method (one map method for every evaluation)",
+    "data.max_map_targets": "task.max_map_targets",
+}
 
 PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -107,11 +117,6 @@ class VocData(DataBase):
     root: str
     download: bool = True
     image_size: PosInt
-    ap: Literal["area", "11point"] = "area"
-    loc_deltas: list[Fraction] = []
-    loc_method: Method = "gradcampp"
-    loc_on_val: bool = True
-    max_map_targets: PosInt | None = None
 
 
 class OtherData(DataBase):
@@ -247,7 +252,7 @@ class Trainer(Strict):
     enable_autolog_hparams: bool = True
     plugins: Any = None
     model_registry: str | None = None
-    # read by the LightningModule (distill.run.MODULE_TRAINER_KEYS), not the Trainer
+    # read by the LightningModule (distill.build.MODULE_TRAINER_KEYS), not the Trainer
     skip_nonfinite: bool = False
     max_skipped_steps: PosInt = 10
     # read by distill (distill.mid_epoch.KEYS): last.ckpt also every N optimizer steps / M minutes
@@ -272,12 +277,38 @@ class Paths(Strict):
     output_dir: str
 
 
-class Panel(Strict):
+class Task(Strict):
+    """``configs/task/``: how the labels are trained and scored (distill.tasks)."""
+
+    name: Literal[TASKS]
+    score: str
+    max_map_targets: PosInt | None = None  # the multi-label tasks
+
+
+class Panel(Target):
     every_n_epochs: PosInt
     num_images: PosInt
-    method: Method = "gradcampp"
+    method: Method
     target: Literal["label", "pred"] = "label"
     cell_px: PosInt = 128
+
+
+class Localization(Target):
+    deltas: list[Annotated[float, Field(ge=0, lt=1)]] = []
+    method: Method
+    on_val: bool = True
+
+
+class Callbacks(Strict):
+    """``configs/callbacks/``: the two checkpoint writers are required; the rest can be dropped
+    (``~callbacks.<name>``), and a callback of the user's own added (``+callbacks.<name>._target_=...``)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    best_checkpoint: Target
+    last_checkpoint: Target
+    explanation_panel: Panel | None = None
+    localization: Localization | None = None
 
 
 class Common(Strict):
@@ -295,7 +326,10 @@ class Train(Common):
     ckpt_path: str | None = None
     test_after_fit: bool = True
     resume_fallback: bool = False
-    explanation_panel: Panel
+    eval_method: Method
+    optimized_metric: str | None = None
+    task: Task
+    callbacks: Callbacks
     data: dict[str, Any]  # checked by its own family's model (DATA)
     teacher: Model
     student: Model
@@ -332,12 +366,18 @@ class PointingGame(Strict):
     methods: list[str] = []
 
 
+class EvalLocalization(Strict):
+    deltas: list[Annotated[float, Field(ge=0, lt=1)]] = [0.0, 0.25, 0.5]
+
+
 class Evaluate(Scripts):
     batch_size: PosInt | None = 256
     limit_batches: PosInt | None = None
     seed: int = 0
     similarity_target: Literal["label", "student_pred", "teacher_pred"] = "label"
     explain_teacher: bool = True
+    eval_method: Method = "gradcampp"
+    localization: EvalLocalization = EvalLocalization()
     progress_bar: bool = True
     pointing_game: PointingGame = PointingGame()
 
@@ -435,10 +475,14 @@ def _message(err: ValidationError, model: type[BaseModel], raw: dict, prefix: st
 
 # ------------------------------------------------------------------------------------------- checks
 def _resolved(cfg: DictConfig, key: str, unresolved: Any) -> Any:
+    """``cfg[key]`` resolved; a value that cannot be resolved yet (``${hydra:...}`` before Hydra
+    set its run up) is kept unresolved, and its siblings are still resolved."""
     try:
         node = cfg[key]
         return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-    except Exception:  # noqa: BLE001 - ${hydra:...} before Hydra set its run up: checked unresolved
+    except Exception:  # noqa: BLE001
+        if isinstance(unresolved, dict) and OmegaConf.is_dict(cfg._get_node(key)):
+            return {k: _resolved(cfg[key], k, v) for k, v in unresolved.items()}
         return unresolved
 
 
@@ -451,10 +495,27 @@ def _missing(value: Any, key: str) -> list[str]:
     return []
 
 
+def _moved(value: Any, key: str = "") -> str | None:
+    """A key of ``value`` that moved (:data:`RENAMED`), as one line, or ``None``."""
+    if not isinstance(value, dict):
+        return None
+    for k, v in value.items():
+        path = f"{key}.{k}" if key else str(k)
+        if path in RENAMED:
+            return f"config key {path} moved: it is now {RENAMED[path]}"
+        problem = _moved(v, path) if path in ("data",) else None
+        if problem:
+            return problem
+    return None
+
+
 def config_errors(cfg: DictConfig, name: str = "train") -> str | None:
     """The first mistake in ``cfg`` (a composed config of ``name``: train / evaluate / visualize)
     as one line, or ``None``."""
     unresolved = {str(k): v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"}
+    moved = _moved(unresolved) if name == "train" else None
+    if moved:
+        return moved
     missing = _missing(unresolved, "")
     if missing:
         key = missing[0]

@@ -1,8 +1,9 @@
 """DDP launched from Hydra: one Hydra job = one DDP process group.
 
 Lightning's DDP launcher starts the other ranks by re-running the command line; under a Hydra
-multirun that would start the whole sweep again in each rank. :func:`ddp_job` installs a command
-that runs just this job (:func:`hydra_ddp_command`) and cleans up after it.
+multirun that would start the whole sweep again in each rank. Lightning offers no setting for that
+command, so :func:`ddp_job` swaps in one that runs just this job (:func:`hydra_ddp_command`) for
+the duration of the job only, puts Lightning's back afterwards, and cleans up the process group.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from unittest import mock
 
 import torch
 from lightning.pytorch.strategies.launchers import subprocess_script as ddp_launcher
@@ -60,10 +62,10 @@ def ddp_job():
     """One Hydra job = one DDP group. Lightning launches the other ranks itself (unless a
     cluster did: SLURM, torchrun); when the job ends, the group and the variables Lightning set
     are dropped, so the next job of a multirun launches its own processes."""
-    ddp_launcher._hydra_subprocess_cmd = hydra_ddp_command
     before = {key: os.environ.get(key) for key in DDP_ENV}
     try:
-        yield
+        with mock.patch.object(ddp_launcher, "_hydra_subprocess_cmd", hydra_ddp_command):
+            yield
     finally:
         if before["LOCAL_RANK"] is None:  # this process launched the other ranks
             if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -1,7 +1,7 @@
 """User-facing errors: a short message that names the problem and the fix.
 
-``train.py`` (and every script) catches ``DistillError``, prints its message without a
-traceback and exits with status 2.
+``train.py`` and every script run inside :func:`exit_on_user_error`: a ``DistillError`` (or a
+disk / folder fault) prints its message without a traceback and exits with status 2.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sys
+from collections.abc import Iterator
 
 
 def _worker_message(message: object) -> object:
@@ -61,3 +63,18 @@ def remove_quietly(path: str | os.PathLike) -> None:
     """Delete ``path`` if it is there (a half-written ``*.tmp``); never raise."""
     with contextlib.suppress(OSError):
         os.unlink(path)
+
+
+@contextlib.contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """``error: <message>`` on stderr and exit status 2 for a ``DistillError`` or an ``OSError``
+    (a folder that cannot be created or written, a full disk); anything else is a bug and keeps
+    its traceback."""
+    try:
+        yield
+    except DistillError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        print(f"error: {os_error_message(err)}", file=sys.stderr)
+        sys.exit(2)

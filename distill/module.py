@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from distill.errors import ConfigError, DistillError
-from distill.explain import METHODS, explain_network
+from distill.explain import EVAL_METHOD, METHODS, explain_network
 from distill.explain.maps import check_map_precision
 from distill.losses import INTERPRET_LOSSES, attention_transfer, decoupled_kd, dkd_warmup, interpret_loss, map_cosine
 from distill.models.contract import known_spec, network_spec, require_network
@@ -63,7 +63,7 @@ class ExplainSettings:
     method: str | None = None  # None: no interpretability loss
     loss: str = "paper"  # paper | normalized | cosine
     target: str = "label"  # label | teacher_pred
-    eval_method: str = "gradcampp"  # maps compared at validation, whatever the training loss
+    eval_method: str = EVAL_METHOD  # maps compared at validation (val/map_cosine), whatever the training loss
     closed_form: bool = True  # use the no-autograd closed form where the head allows it
 
     def __post_init__(self) -> None:
@@ -90,8 +90,12 @@ class ClassifierModule(pl.LightningModule):
         skip_nonfinite: bool = False,
         scheduler_interval: str = "epoch",
         max_skipped_steps: int = 10,
+        role: str = "student",
     ) -> None:
         super().__init__()
+        if role not in ("teacher", "student"):
+            raise ConfigError(f"a classifier trains a teacher or a student, not {role!r}")
+        self.role = role
         if scheduler_interval not in ("epoch", "step"):
             raise ConfigError(f"optim.interval={scheduler_interval!r}: use epoch or step")
         self.model = model
@@ -109,6 +113,11 @@ class ClassifierModule(pl.LightningModule):
 
     def _eval_metrics(self) -> MetricCollection:
         return MetricCollection({self.task.score_name: self.task.score_metric(), "loss": MeanMetric()})
+
+    def networks(self) -> dict[str, nn.Module]:
+        """The networks this module evaluates, by role (``teacher`` / ``student``): callbacks
+        (explanation panel, box localisation) explain each of them."""
+        return {self.role: self.model}
 
     def finite_or_skip(self, terms: dict[str, Tensor], loss: Tensor) -> bool:
         """True if ``loss`` is finite. Otherwise stop with the term(s) and step at fault, or,
@@ -241,6 +250,9 @@ class DistillModule(ClassifierModule):
             }
         )
         return metrics
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"student": self.model, "teacher": self.teacher}
 
     # ------------------------------------------------------------------ frozen teacher
     def train(self, mode: bool = True) -> DistillModule:

@@ -7,12 +7,16 @@ a new task (e.g. multi-label VOC) plugs in without touching the training step.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from distill.errors import ConfigError
 from distill.losses import hinton_kd, masked_bce, multilabel_kd
 
 
@@ -21,6 +25,7 @@ class MulticlassTask:
 
     name = "multiclass"
     score_name = "acc"  # the headline metric, and what checkpoints monitor (val/acc)
+    multilabel = False
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
@@ -37,6 +42,12 @@ class MulticlassTask:
 
     def score_metric(self) -> Metric:
         return MulticlassAccuracy(self.num_classes, average="micro")
+
+    @staticmethod
+    def split_batch(batch: Sequence[Tensor]) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:
+        """``(images, labels, boxes)``; ``boxes`` = ``(boxes, box_labels, box_difficult)`` where
+        evaluation batches carry them (VOC's), else ``None``."""
+        return batch[0], batch[1], tuple(batch[2:5]) if len(batch) >= 5 else None
 
     def agreement(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         """``(B,)`` 1.0 where student and teacher predict the same top-1 class."""
@@ -60,6 +71,7 @@ class MultilabelTask:
 
     name = "multilabel"
     score_name = "map"
+    multilabel = True
     interpolation = "area"
 
     def __init__(self, num_classes: int, max_map_targets: int | None = None) -> None:
@@ -102,9 +114,20 @@ class MultilabelVOC11Task(MultilabelTask):
 TASKS = {"multiclass": MulticlassTask, "multilabel": MultilabelTask, "multilabel_voc11": MultilabelVOC11Task}
 
 
-def build_task(name: str, num_classes: int, **options):
-    """The task ``name`` for ``num_classes`` classes; ``options`` go to its constructor
-    (e.g. ``max_map_targets`` for the multi-label tasks)."""
+def build_task(node: Mapping[str, Any], num_classes: int, multilabel_data: bool | None = None):
+    """The task of the config node ``task`` (``configs/task/``: ``name``, ``score`` and the
+    task's options, e.g. ``max_map_targets``) for ``num_classes`` classes. With
+    ``multilabel_data``, the task must fit the data's labels (one class, or multi-hot)."""
+    options = dict(node)
+    name, score = options.pop("name"), options.pop("score", None)
     if name not in TASKS:
-        raise ValueError(f"Unknown task '{name}'; choose one of {sorted(TASKS)}")
-    return TASKS[name](num_classes, **options)
+        raise ConfigError(f"task={name} is unknown; choose one of {sorted(TASKS)}")
+    task_class = TASKS[name]
+    if score is not None and score != task_class.score_name:
+        raise ConfigError(f"task.score={score} but the {name} task scores {task_class.score_name}: "
+                          f"set task.score={task_class.score_name}")
+    if multilabel_data is not None and multilabel_data != task_class.multilabel:
+        labels = "multi-hot labels" if multilabel_data else "one label per image"
+        fits = "multilabel or multilabel_voc11" if multilabel_data else "multiclass"
+        raise ConfigError(f"task={name} does not fit this data's {labels}: use task={fits}")
+    return task_class(num_classes, **options)

@@ -9,10 +9,11 @@ import torch
 from hydra.errors import MissingConfigException
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+from distill.build import distill_trainer_keys
+from distill.loggers import build_logger
 from distill.models import build_model
 from distill.module import ExplainSettings, LossWeights
 from distill.optim import build_scheduler
-from distill.run import build_logger, distill_trainer_keys
 from tests.conftest import CONFIG_DIR, compose_config
 from tests.tiny_datasets import write_image_tree
 
@@ -50,7 +51,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         assert built(torch.randn(2, 3, 32, 32)).shape == (2, cfg.data.num_classes)
     elif group == "explain":
         built = ExplainSettings(method=cfg.explain.method, loss=cfg.explain.loss, target=cfg.explain.target,
-                                eval_method=cfg.explain.eval_method, closed_form=cfg.explain.closed_form)
+                                eval_method=cfg.eval_method, closed_form=cfg.explain.closed_form)
         assert (built.method is None) == (cfg.explain.weight == 0)
     elif group == "kd":
         built = LossWeights(ce=cfg.kd.ce_weight, kd=cfg.kd.kd_weight, temperature=cfg.kd.temperature,

@@ -19,6 +19,7 @@ from distill.data import SyntheticDataModule
 from distill.explain import network_maps
 from distill.explain.visual import denormalize, overlay
 from distill.models import build_model
+from distill.tasks import MulticlassTask
 from tests.conftest import REPO
 
 SMOKE_MAX_LINES = 45  # a smoke run (teacher trained first, then the student), W&B offline
@@ -70,18 +71,19 @@ def test_panel_shows_fixed_images_of_distinct_classes_with_titled_columns():
     dm = SyntheticDataModule(num_train=32, num_val=40, image_size=16, seed=3)  # val = test: 4 per class
     dm.setup("fit")
     teacher, student = build_model("wrn16_1", 10).eval(), build_model("wrn16_1", 10).eval()
-    module = SimpleNamespace(teacher=teacher, model=student, device=torch.device("cpu"))
-    panel = ExplanationPanel(num_images=8, cell_px=96)
+    module = SimpleNamespace(networks=lambda: {"student": student, "teacher": teacher}, task=MulticlassTask(10),
+                             device=torch.device("cpu"))
+    panel = ExplanationPanel("gradcampp", num_images=8, cell_px=96)
     panel.pick_images(SimpleNamespace(datamodule=dm))
     assert len(set(panel.labels.tolist())) == 8  # one per class before a class repeats
-    again = ExplanationPanel(num_images=8)
+    again = ExplanationPanel("gradcampp", num_images=8)
     again.pick_images(SimpleNamespace(datamodule=dm))
     assert torch.equal(again.images, panel.images)  # the same images at every epoch / run
 
     from distill.evaluation.grid import explanation_cells, figure_array
 
     rows = explanation_cells(student, panel.images, panel.labels, dm.mean, dm.std, teacher=teacher,
-                             class_names=dm.class_names, target="label", columns=panel.columns())
+                             class_names=dm.class_names, target="label", columns=panel.columns(module))
     assert len(rows) == 8 and all(len(row) == 3 for row in rows)
     label = dm.class_names[int(panel.labels[0])]
     assert rows[0][0].title.startswith(f"image, label: {label}")
@@ -95,6 +97,20 @@ def test_panel_shows_fixed_images_of_distinct_classes_with_titled_columns():
     figure = panel.render(module, dm)
     assert figure_array(figure).shape == (8 * 96, 3 * 96, 3)  # >= 96 px per cell
     assert not teacher.training and not student.training
+
+
+def test_panel_of_a_network_trained_alone_has_its_own_column():
+    from distill.evaluation.grid import figure_array
+
+    dm = SyntheticDataModule(num_train=32, num_val=40, image_size=16, seed=3)
+    dm.setup("fit")
+    teacher = build_model("wrn16_1", 10).train()
+    module = SimpleNamespace(networks=lambda: {"teacher": teacher}, task=MulticlassTask(10), device=torch.device("cpu"))
+    panel = ExplanationPanel("gradcam", num_images=4, cell_px=64)
+    panel.pick_images(SimpleNamespace(datamodule=dm))
+    assert panel.columns(module) == [("teacher", "gradcam")]
+    assert figure_array(panel.render(module, dm)).shape == (4 * 64, 2 * 64, 3)
+    assert teacher.training  # put back as it was
 
 
 # ---------------------------------------------------------------------------- the terminal

@@ -94,7 +94,7 @@ def voc_run(tmp_path_factory) -> dict:
     common = ["experiment=smoke_voc", "logger=none", f"data.root={root}", f"teacher.checkpoint={teacher}"]
     proc = run_train([*common, "stage=teacher"], tmp, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_train([*common, "explain=gradcampp", "explanation_panel.every_n_epochs=1"], tmp, timeout=240)
+    proc = run_train([*common, "explain=gradcampp", "callbacks.explanation_panel.every_n_epochs=1"], tmp, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (metrics,) = [p for p in (tmp / "logs").rglob("metrics.json") if json.loads(p.read_text())["stage"] == "distill"]
     return {"tmp": tmp, "root": root, "teacher": teacher, "run": metrics.parent}

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from distill.build import optimization
 from distill.errors import ConfigError
 from distill.module import ClassifierModule
 from distill.optim import cosine_annealing
-from distill.run import optimization
 from tests.conftest import compose_config
 
 

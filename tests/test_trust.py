@@ -97,7 +97,7 @@ def test_crafted_checkpoint_never_runs_through_any_entry_point(entry, tmp_path):
     elif entry == "default teacher":  # checkpoints/<network>_<data>-<hash>.ckpt, loaded because it exists
         from hydra.utils import instantiate
 
-        from distill.run import default_teacher_checkpoint
+        from distill.teacher import default_checkpoint as default_teacher_checkpoint
 
         probe = compose_config(tmp_path / "probe", ["experiment=smoke", "logger=none"])
         name = default_teacher_checkpoint(probe, instantiate(probe.data)).name
@@ -229,7 +229,7 @@ def test_atomic_writes_keep_the_previous_file_and_leave_no_tmp(tmp_path, monkeyp
 
 
 def test_teacher_that_cannot_be_published_is_one_line_naming_the_folder(tmp_path):
-    from distill.run import publish
+    from distill.teacher import publish
 
     source = real_checkpoint(tmp_path / "best.ckpt")
     blocker = tmp_path / "checkpoints"

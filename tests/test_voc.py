@@ -130,7 +130,7 @@ def test_datamodule_batches(voc_root):
     dm = voc_dm(voc_root)
     dm.prepare_data()
     dm.setup("fit")
-    assert dm.task == "multilabel" and len(dm.train_set) == 12 and len(dm.test_set) == 8
+    assert dm.multilabel and len(dm.train_set) == 12 and len(dm.test_set) == 8
     assert dm.val_set is dm.test_set  # validate on the test split
     batch = next(iter(dm.train_dataloader()))
     assert len(batch) == 2  # training batches stay (images, targets)
@@ -240,22 +240,40 @@ def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
 def test_argument_checks(tmp_path):
     with pytest.raises(ConfigError, match="20 classes"):
         voc_dm(tmp_path, num_classes=10)
-    with pytest.raises(ConfigError, match="data.ap"):
-        voc_dm(tmp_path, ap="auc")
-    with pytest.raises(ConfigError, match="loc_deltas"):
-        voc_dm(tmp_path, loc_deltas=[1.5])
-    assert voc_dm(tmp_path, ap="11point").task == "multilabel_voc11"
-    with pytest.raises(ConfigError, match="max_map_targets"):
-        voc_dm(tmp_path, max_map_targets=0)
 
 
-def test_max_map_targets_reaches_the_task(tmp_path):
-    from distill.run import task_of
+def test_voc_data_picks_the_multilabel_task_and_its_options_reach_it(tmp_path):
+    from distill import build
 
-    task = task_of(voc_dm(tmp_path, max_map_targets=3), 20)
+    cfg = compose_config(tmp_path, ["data=voc2007", "task.max_map_targets=3"])
+    assert cfg.task.name == "multilabel" and cfg.callbacks.best_checkpoint.monitor == "val/map"
+    task = build.task(cfg, voc_dm(tmp_path))
     assert isinstance(task, MultilabelTask) and task.max_map_targets == 3
     assert task.map_targets(torch.ones(2, 20, dtype=torch.int64), torch.zeros(2, 20), "label").shape == (2, 3)
-    assert task_of(voc_dm(tmp_path), 20).max_map_targets == 20
+    voc11 = compose_config(tmp_path, ["data=voc2007", "task=multilabel_voc11"])
+    assert isinstance(build.task(voc11), MultilabelVOC11Task) and voc11.callbacks.best_checkpoint.monitor == "val/map11"
+    assert build.task(compose_config(tmp_path, ["data=voc2007"])).max_map_targets == 20
+
+
+def test_a_task_that_does_not_fit_the_labels_is_one_line():
+    with pytest.raises(ConfigError, match="task=multilabel does not fit this data's one label per image"):
+        build_task({"name": "multilabel"}, 10, multilabel_data=False)
+    with pytest.raises(ConfigError, match="use task=multilabel or multilabel_voc11"):
+        build_task({"name": "multiclass"}, 20, multilabel_data=True)
+    with pytest.raises(ConfigError, match="set task.score=map11"):
+        build_task({"name": "multilabel_voc11", "score": "map"}, 20)
+    with pytest.raises(ConfigError, match="task=unknown is unknown"):
+        build_task({"name": "unknown"}, 20)
+
+
+def test_moved_voc_keys_say_where_they_are_now(tmp_path):
+    from distill.config_schema import config_errors
+
+    for old, new in (("data.ap=11point", "task"), ("data.loc_deltas=[0.5]", "callbacks.localization.deltas"),
+                     ("data.max_map_targets=3", "task.max_map_targets"), ("data.loc_method=gradcam", "eval_method")):
+        cfg = compose_config(tmp_path, ["data=voc2007", f"+{old}"])
+        problem = config_errors(cfg)
+        assert problem is not None and problem.startswith(f"config key {old.split('=')[0]} moved: it is now {new}")
 
 
 # =========================================================================== models
@@ -469,12 +487,12 @@ def test_map_targets_all_positives_first_then_padding():
 
 
 def test_agreement_and_task_registry():
-    task = build_task("multilabel", 4)
+    task = build_task({"name": "multilabel"}, 4)
     s = torch.tensor([[1.0, -1, 2, -3], [1.0, 1, 1, 1]])
     t = torch.tensor([[2.0, -2, -1, -1], [-1.0, -1, -1, -1]])
     assert task.agreement(s, t).tolist() == [0.75, 0.0]
-    assert task.score_name == "map" and build_task("multilabel_voc11", 4).score_name == "map11"
-    assert isinstance(build_task("multilabel_voc11", 4), MultilabelVOC11Task)
+    voc11 = build_task({"name": "multilabel_voc11", "score": "map11"}, 4)
+    assert task.score_name == "map" and voc11.score_name == "map11" and isinstance(voc11, MultilabelVOC11Task)
 
 
 # =========================================================================== mAP
@@ -611,9 +629,11 @@ def test_localization_upsamples_maps_to_the_image():
     assert scores.item() == pytest.approx(expected.item())
 
 
-def test_localization_callback_names_and_roles():
+def test_localization_callback_names_and_deltas():
     assert LocalizationCallback.metric_name("test", 0.5, "student") == "test/loc50_student"
     assert LocalizationCallback.metric_name("val", 0.0, "teacher") == "val/loc00_teacher"
+    with pytest.raises(ConfigError, match=r"callbacks.localization.deltas must lie in \[0, 1\)"):
+        LocalizationCallback("gradcampp", deltas=[1.5])
 
 
 # =========================================================================== end to end
@@ -646,7 +666,8 @@ def test_voc_pipeline_through_train_py(voc_root, tmp_path):
 def test_voc_teacher_stage_with_11point_map(voc_root, tmp_path):
     teacher = tmp_path / "vgg16_voc.ckpt"
     proc = run_train(["experiment=smoke_voc", "logger=none", "stage=teacher", f"data.root={voc_root}",
-                      "data.ap=11point", "data.loc_on_val=false", f"teacher.checkpoint={teacher}"], tmp_path)
+                      "task=multilabel_voc11", "callbacks.localization.on_val=false", f"teacher.checkpoint={teacher}"],
+                     tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = _metrics(tmp_path)["metrics"]
     assert 0 <= metrics["test/map11"] <= 1 and math.isfinite(metrics["val/map11"])

@@ -10,7 +10,8 @@ import pytest
 import wandb
 from wandb.proto import wandb_internal_pb2
 
-from distill.run import run, wandb_credentials_present
+from distill.loggers import wandb_credentials_present
+from distill.run import run
 from tests.conftest import compose_config
 
 pytestmark = pytest.mark.slow
@@ -76,7 +77,8 @@ def test_offline_wandb_run_holds_config_metrics_and_checkpoint_paths(tmp_path, m
 
 def test_explanation_panels_land_in_the_offline_run_media(tmp_path):
     cfg = compose_config(tmp_path, ["experiment=smoke", "logger=wandb", "explain=gradcampp", "trainer.max_epochs=2",
-                                    "explanation_panel.every_n_epochs=1", "explanation_panel.num_images=4"])
+                                    "callbacks.explanation_panel.every_n_epochs=1",
+                                    "callbacks.explanation_panel.num_images=4"])
     run(cfg)
     wandb.teardown()
     distill_runs = [p for p in (tmp_path / "wandb").glob("offline-run-*")

@@ -144,7 +144,7 @@ class BaseDataModule(pl.LightningDataModule):
     :meth:`_build_uint8` (see :mod:`distill.data.on_device`).
     """
 
-    task = "multiclass"
+    multilabel = False  # the labels: one class per image; True: multi-hot (B, C) targets
 
     def __init__(
         self,

@@ -47,7 +47,6 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 SPLITS = ("trainval", "test")
 EVAL_RESIZE_RATIO = 256 / 224  # resize the shorter side to size * 256/224, then center-crop
-AP_MODES = {"area": "multilabel", "11point": "multilabel_voc11"}
 
 
 @dataclass(frozen=True)
@@ -153,27 +152,21 @@ def voc_eval_transform(size: tuple[int, int], mean, std) -> v2.Compose:
 
 
 class VOC2007DataModule(BaseDataModule):
-    """PASCAL VOC 2007 (20 classes) for multi-label classification; ``task = "multilabel"``.
+    """PASCAL VOC 2007 (20 classes) for multi-label classification: multi-hot targets ``(B, 20)``.
 
     ``root`` holds (or will hold) ``VOCdevkit/VOC2007``; with ``download=True``
-    :meth:`prepare_data` fetches a missing split with torchvision. ``ap="11point"`` scores by the
-    VOC 2007 11-point mAP (task ``multilabel_voc11``, metric ``map11``) instead of the area.
-    ``loc_deltas`` / ``loc_method`` / ``loc_on_val`` configure the box localisation measure
-    logged at evaluation (``distill.callbacks_localization``); ``loc_deltas=[]`` turns it off.
-    ``max_map_targets`` caps the number of classes explained per image (default: all 20, so
-    every positive is explained; a cap trades the rare extra positives for speed).
+    :meth:`prepare_data` fetches a missing split with torchvision. Evaluation batches also carry
+    the boxes, ``(images, targets, boxes, box_labels, box_difficult)`` (:func:`voc_collate`).
+    How the labels are trained and scored is the task's (``configs/task/multilabel*.yaml``).
     """
+
+    multilabel = True
 
     def __init__(
         self,
         root: str | Path = "data/voc",
         download: bool = True,
         image_size: int | Sequence[int] = 224,
-        ap: str = "area",
-        loc_deltas: Sequence[float] = (0.0, 0.25, 0.5),
-        loc_method: str = "gradcampp",
-        loc_on_val: bool = True,
-        max_map_targets: int | None = None,
         *,
         name: str = "voc2007",
         num_classes: int = 20,
@@ -189,23 +182,6 @@ class VOC2007DataModule(BaseDataModule):
             self.image_size: tuple[int, int] = to_size(image_size)
         except ValueError as e:
             raise ConfigError(f"data.{e}") from None
-        if ap not in AP_MODES:
-            raise ConfigError(f"data.ap '{ap}' is unknown; choose one of {sorted(AP_MODES)}")
-        self.task = AP_MODES[ap]
-        if max_map_targets is not None and (isinstance(max_map_targets, bool) or not isinstance(max_map_targets, int)
-                                            or not 1 <= max_map_targets <= num_classes):
-            raise ConfigError(f"data.max_map_targets must be null or an integer in [1, 20], got {max_map_targets!r}")
-        # Options of the task (distill.tasks.MultilabelTask), read by distill.run.task_of.
-        self.task_options = {} if max_map_targets is None else {"max_map_targets": max_map_targets}
-        self.loc_deltas = tuple(float(d) for d in (loc_deltas or ()))
-        if any(not 0.0 <= d < 1.0 for d in self.loc_deltas):
-            raise ConfigError(f"data.loc_deltas must lie in [0, 1), got {list(self.loc_deltas)}")
-        from distill.explain import METHODS
-
-        if loc_method not in METHODS:
-            raise ConfigError(f"data.loc_method '{loc_method}' is unknown; choose one of {METHODS}")
-        self.loc_method = loc_method
-        self.loc_on_val = bool(loc_on_val)
         self.root = Path(root).expanduser().resolve()
         self.download = bool(download)
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD

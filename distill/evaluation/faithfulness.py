@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import SumMetric
 
-from distill.explain import head_maps, leaf_features
+from distill.explain import EVAL_METHOD, head_maps, leaf_features
 from distill.explain.visual import normalize_maps, resize_maps
 from distill.losses import map_cosine
 
@@ -191,7 +191,7 @@ def evaluate_batch(
     teacher: nn.Module | None = None,
     similarity_target: str = "label",
     explain_teacher: bool = False,
-    similarity_method: str = "gradcampp",
+    similarity_method: str = EVAL_METHOD,
 ) -> dict[str, Tensor]:
     """All per-image scores of one batch, as ``(B,)`` float tensors on the batch's device.
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.evaluation.faithfulness import forward_explainable
-from distill.explain import head_maps
+from distill.explain import EVAL_METHOD, head_maps
 from distill.explain.visual import denormalize, guided_gradcam, overlay
 
 TARGETS = ("pred", "label")
@@ -138,7 +138,7 @@ def multilabel_cells(
     std: Sequence[float] | None = None,
     teacher: nn.Module | None = None,
     class_names: Sequence[str] | None = None,
-    method: str = "gradcampp",
+    method: str = EVAL_METHOD,
 ) -> list[list[Cell]]:
     """Cells of a multi-label grid: one row per image, one column per positive class (and per
     model: teacher then student), titled with the class name and the model's sigmoid score

@@ -34,7 +34,7 @@ from distill.evaluation.faithfulness import (
     wins,
 )
 from distill.evaluation.localization import localization_scores
-from distill.explain import head_maps
+from distill.explain import EVAL_METHOD, head_maps
 from distill.losses import map_cosine
 
 ML_CONVENTIONS = {
@@ -105,7 +105,7 @@ def evaluate_multilabel_batch(
     deltas: Sequence[float] = (0.0, 0.25, 0.5),
     explain_teacher: bool = True,
     max_targets: int | None = None,
-    similarity_method: str = "gradcampp",
+    similarity_method: str = EVAL_METHOD,
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
     """Scores of one VOC batch ``(images, targets, [boxes, box_labels, box_difficult])``.
 
@@ -129,6 +129,8 @@ def evaluate_multilabel_batch(
             maps_of[prefix] = {similarity_method: head_maps(net, outputs[0], target, similarity_method)}
             continue
         per_pair, maps_of[prefix] = multilabel_faithfulness(net, images, target, mean, std, outputs)
+        if similarity_method not in maps_of[prefix]:  # the faithfulness pair is Grad-CAM / Grad-CAM++
+            maps_of[prefix][similarity_method] = head_maps(net, outputs[0], target, similarity_method)
         scores.update({f"{prefix}{k}": (v, weight) for k, v in per_pair.items()})
         if len(batch) >= 5 and deltas:
             loc, valid = localization_scores(maps_of[prefix][similarity_method], batch[2], batch[3].long(),

@@ -123,7 +123,7 @@ def resolve_device(name: str) -> torch.device:
 def build_datamodule(hparams: dict, overrides: dict | None, batch_size: int | None, split: str = "test"):
     """The checkpoint's DataModule (its recorded ``config.data``, updated by the non-null
     ``overrides``), set up, with ``batch_size`` as its evaluation batch size."""
-    from distill.run import instantiate
+    from distill.build import instantiate
 
     if split not in ("test", "val"):
         raise ConfigError(f"split '{split}' is unknown; choose test or val")
@@ -212,39 +212,6 @@ def _dataset(session: Session, split: str):
     return dm.test_set if split == "test" else dm.val_set
 
 
-# --------------------------------------------------------------------------- logging
-def _log_results(cfg: DictConfig, name: str, hparams: dict, metrics: dict | None = None,
-                 image=None, caption: str = "") -> None:
-    """Send results to the configured logger (``logger=wandb|csv``); nothing without one."""
-    if not cfg.get("logger"):
-        return
-    from lightning.pytorch.loggers import WandbLogger
-
-    from distill.run import build_logger
-
-    logger = build_logger(cfg, name)
-    if logger is None:
-        return
-    logger.log_hyperparams(hparams)
-    if metrics:
-        logger.log_metrics({f"eval/{k}": float(v) for k, v in metrics.items()}, step=0)
-    if isinstance(logger, WandbLogger):
-        if metrics:
-            logger.log_table("eval/table", columns=["metric", "value"],
-                             data=[[k, float(v)] for k, v in sorted(metrics.items())])
-        if image is not None:
-            logger.log_image("eval/explanations", [image], caption=[caption])
-        if logger._offline:
-            log.info("W&B ran offline (no credentials). Sync it later with: wandb sync %s",
-                     Path(logger.experiment.dir).parent)
-        logger.experiment.finish()
-        return
-    if image is not None:
-        log.info("The %s logger cannot hold images; the picture is in the output folder.", type(logger).__name__)
-    logger.save()
-    logger.finalize("success")
-
-
 def _describe(loaded: LoadedModel | None) -> dict | None:
     if loaded is None:
         return None
@@ -296,14 +263,22 @@ def _pointing_game(session: Session, dataset, labels, correct, game: dict, seed:
         raise ConfigError(f"pointing game: {err}") from None
 
 
-def is_multilabel(datamodule) -> bool:
-    return getattr(datamodule, "task", "multiclass") != "multiclass"
+def recorded_task(session: Session):
+    """The task the checkpoint was trained for (its recorded ``config.task``)."""
+    from distill.tasks import build_task
+
+    node = (session.student.hparams.get("config") or {}).get("task")
+    if not node:
+        raise CheckpointError(f"checkpoint '{session.student.path}' records no task (config.task): it was written "
+                              "by an older distill; retrain it, or evaluate it with that version")
+    return build_task(node, session.student.num_classes, getattr(session.datamodule, "multilabel", None))
 
 
 def _write_result(cfg: DictConfig, session: Session, metrics: dict, extra: dict) -> dict:
     """``evaluation.json`` / ``evaluation.md`` in ``output_dir``, and the logger."""
     from distill.evaluation.report import evaluation_markdown
     from distill.files import write_json, write_text
+    from distill.loggers import log_results
 
     out = Path(cfg.output_dir)
     result = {
@@ -321,7 +296,7 @@ def _write_result(cfg: DictConfig, session: Session, metrics: dict, extra: dict)
     print("\n" + markdown.split("\nConventions:")[0].rstrip() + "\n", flush=True)
     log.info("evaluation of %s on %d images: %s and %s", session.student.path, metrics["num_images"],
              json_path, md_path)
-    _log_results(cfg, _run_name("eval", session.student),
+    log_results(cfg, _run_name("eval", session.student),
                  {"checkpoint": result["checkpoint"], "teacher_checkpoint": (result["teacher"] or {}).get("checkpoint"),
                   "split": extra.get("split"), "similarity_target": extra.get("similarity_target")}, metrics)
     return result
@@ -333,13 +308,11 @@ def _evaluate_multilabel(cfg: DictConfig, session: Session, limit: int | None, s
     (:mod:`distill.evaluation.multilabel`)."""
     from distill.evaluation.faithfulness import ScoreAccumulator
     from distill.evaluation.multilabel import ML_CONVENTIONS, evaluate_multilabel_batch
-    from distill.run import task_of
-
     dm = session.datamodule
-    task = task_of(dm, session.student.num_classes)
+    task = recorded_task(session)
     mean, std = data_stats(dm)
     teacher = session.teacher.model if session.teacher is not None else None
-    deltas = tuple(getattr(dm, "loc_deltas", ()) or ())
+    deltas = tuple(float(d) for d in cfg.localization.deltas)
     scores = ScoreAccumulator().to(session.device)
     ap = {prefix: task.score_metric().to(session.device) for prefix in ("", "teacher/")[: 1 + (teacher is not None)]}
     non_blocking = session.device.type == "cuda"
@@ -350,8 +323,8 @@ def _evaluate_multilabel(cfg: DictConfig, session: Session, limit: int | None, s
         num_images += batch[0].shape[0]
         batch_scores, logits = evaluate_multilabel_batch(
             session.student.model, batch, mean, std, teacher=teacher, deltas=deltas,
-            explain_teacher=bool(cfg.get("explain_teacher", True)),
-            max_targets=(getattr(dm, "task_options", None) or {}).get("max_map_targets"))
+            explain_teacher=bool(cfg.get("explain_teacher", True)), max_targets=task.max_map_targets,
+            similarity_method=cfg.eval_method)
         scores.update(batch_scores)
         for prefix, metric in ap.items():
             metric.update(logits[prefix], batch[1])
@@ -364,7 +337,8 @@ def _evaluate_multilabel(cfg: DictConfig, session: Session, limit: int | None, s
     return _write_result(cfg, session, metrics, {
         "task": task.name, "score_name": task.score_name, "split": split, "limit_batches": limit,
         "split_size": len(_dataset(session, split)), "partial": num_images < len(_dataset(session, split)),
-        "loc_deltas": list(deltas), "similarity_target": "label", "conventions": ML_CONVENTIONS})
+        "loc_deltas": list(deltas), "similarity_target": "label", "similarity_method": cfg.eval_method,
+        "conventions": ML_CONVENTIONS})
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -385,7 +359,7 @@ def evaluate(cfg: DictConfig) -> dict:
     split = cfg.get("split", "test")
     game = _pointing_settings(cfg)
     session = open_session(cfg)
-    if is_multilabel(session.datamodule):
+    if recorded_task(session).multilabel:
         if game is not None:
             raise ConfigError("pointing_game.grid needs single-label data (a grid of distinct classes); a "
                               "multi-label checkpoint is judged against its boxes: leave pointing_game.grid=null")
@@ -406,7 +380,7 @@ def evaluate(cfg: DictConfig) -> dict:
         images = batch[0].to(session.device, non_blocking=non_blocking)
         labels = batch[1].to(session.device, non_blocking=non_blocking)
         batch_scores = evaluate_batch(session.student.model, images, labels, mean, std, teacher=teacher,
-                                      similarity_target=similarity,
+                                      similarity_target=similarity, similarity_method=cfg.eval_method,
                                       explain_teacher=bool(cfg.get("explain_teacher", True)))
         scores.update(batch_scores)
         if game is not None:
@@ -452,7 +426,7 @@ def visualize(cfg: DictConfig) -> Path:
         raise ConfigError(f"indices {bad or indices} are not in the {split} split's 0..{len(dataset) - 1}")
     items = [dataset[i] for i in indices]
     images = torch.stack([torch.as_tensor(item[0]) for item in items]).to(session.device)
-    multilabel = is_multilabel(session.datamodule)
+    multilabel = recorded_task(session).multilabel
     labels = (torch.stack([torch.as_tensor(item[1]) for item in items]) if multilabel  # (B, C) multi-hot
               else torch.as_tensor([int(item[1]) for item in items])).to(session.device)
     mean, std = data_stats(session.datamodule)
@@ -463,27 +437,24 @@ def visualize(cfg: DictConfig) -> Path:
     path = save_figure(fig, Path(cfg.output_dir) / cfg.get("filename", "explanations.png"))
     log.info("explanation grid of %d %s images: %s", len(indices), split, path)
     if cfg.get("logger"):
+        from distill.loggers import log_results
+
         caption = (f"{session.student.name}: image | "
                    + ("Grad-CAM++ of every positive class" if multilabel else
                       "teacher Grad-CAM | teacher Grad-CAM++ | student Grad-CAM++ | student Guided Grad-CAM++"
                       if teacher is not None else "Grad-CAM | Grad-CAM++ | Guided Grad-CAM++"))
-        _log_results(cfg, _run_name("visualize", session.student),
-                     {"checkpoint": str(session.student.path), "indices": indices, "target": target},
-                     image=figure_array(fig), caption=caption)
+        log_results(cfg, _run_name("visualize", session.student),
+                    {"checkpoint": str(session.student.path), "indices": indices, "target": target},
+                    image=figure_array(fig), caption=caption)
     return path
 
 
 def run_script(function, cfg: DictConfig):
-    """Run ``function(cfg)``; a ``DistillError`` becomes one line on stderr and exit status 2."""
-    import sys
-
+    """Run ``function(cfg)``; a mistake is one line on stderr and exit status 2."""
     from distill.config_schema import check_config
-    from distill.errors import DistillError
+    from distill.errors import exit_on_user_error
 
-    try:
+    with exit_on_user_error():
         check_config(cfg, function.__name__)
         check_paths(cfg)
         return function(cfg)
-    except DistillError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)

@@ -1,6 +1,7 @@
 """Explanation maps: pure tensor functions (``maps``) and the maps of a network (``network``)."""
 
 from distill.explain.maps import (
+    EVAL_METHOD,
     METHODS,
     class_gradients,
     closed_form_weights,
@@ -26,6 +27,7 @@ from distill.explain.visual import (
 )
 
 __all__ = [
+    "EVAL_METHOD",
     "METHODS",
     "GuidedReLUMode",
     "class_gradients",

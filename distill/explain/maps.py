@@ -21,6 +21,7 @@ from torch import Tensor
 from distill.errors import ConfigError
 
 METHODS = ("cam", "gradcam", "gradcampp", "hirescam", "xgradcam", "layercam")
+EVAL_METHOD = "gradcampp"  # what evaluation explains with unless told otherwise (config key eval_method)
 FLOAT16_PRECISIONS = ("16-mixed", "16-true", "16")
 
 

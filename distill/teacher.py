@@ -1,0 +1,121 @@
+"""The teacher of a distillation run: used as built, loaded from its checkpoint, or trained first.
+
+A teacher trained here is published only when its run finished: ``checkpoints/<network>_<data>-
+<hash>.ckpt`` (its best weights), ``<stem>-last.ckpt`` and a ``.json`` record of what it is and
+its test metrics (``distill.identity``). A run killed in this stage resumes the teacher's own run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from distill.build import identity, model_label, network
+from distill.checkpoints import load_network
+from distill.ddp import ddp_barrier
+from distill.errors import CheckpointError, os_cause
+from distill.files import copy_file, write_json
+from distill.identity import checkpoint_stem
+from distill.resume import last_checkpoint
+
+log = logging.getLogger("distill")
+
+TrainStage = Callable[[DictConfig, pl.LightningDataModule, str, str], dict]  # (cfg, data, role, stage) -> result
+
+
+def default_checkpoint(cfg: DictConfig, datamodule: pl.LightningDataModule) -> Path:
+    """``checkpoints/<network>_<data>-<hash of both identities>.ckpt``."""
+    ident = identity(cfg, "teacher", datamodule)
+    return Path(cfg.paths.checkpoint_dir) / f"{checkpoint_stem(ident['network'], ident['data'])}.ckpt"
+
+
+def target_checkpoint(cfg: DictConfig, datamodule: pl.LightningDataModule) -> Path:
+    """Where ``stage=teacher`` publishes: ``teacher.checkpoint``, else the default file."""
+    return Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else default_checkpoint(cfg, datamodule)
+
+
+def publish(source: str | Path, target: Path) -> None:
+    """Copy a finished checkpoint to ``target`` atomically (tmp file, fsync, rename)."""
+    try:
+        copy_file(source, target)
+    except OSError as err:
+        raise CheckpointError(f"could not publish {Path(source).name} as {target.name} in folder {target.parent}: "
+                              f"{os_cause(err)}; the trained checkpoint stays in {Path(source).parent}") from None
+
+
+def train_teacher(cfg: DictConfig, datamodule: pl.LightningDataModule, target: Path, train: TrainStage) -> dict:
+    """Train the teacher with ``train`` in ``cfg.paths.output_dir``; only a finished run is
+    published to ``target`` (best), ``<target stem>-last.ckpt`` and ``<target stem>.json``, so a
+    killed run never leaves a half-trained teacher."""
+    result = train(cfg, datamodule, "teacher", "teacher")
+    if rank_zero_only.rank == 0:  # under DDP rank 0 publishes, the other ranks wait for it
+        publish(result["checkpoint/best"] or result["checkpoint/last"], target)
+        publish(result["checkpoint/last"], target.with_name(f"{target.stem}-last.ckpt"))
+        write_json(target.with_suffix(".json"), {"identity": identity(cfg, "teacher", datamodule),
+                                                 "metrics": result["metrics"]})
+    ddp_barrier()
+    log.info("teacher saved to %s", target)
+    return {**result, "teacher_checkpoint": str(target)}
+
+
+def announce(path: Path) -> None:
+    """One line: which teacher file is reused, trained on what, and its test score."""
+    record = path.with_suffix(".json")
+    if not record.is_file():
+        log.info("Teacher: %s", path)
+        return
+    saved = json.loads(record.read_text())
+    data, metrics = saved["identity"]["data"], saved.get("metrics", {})
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())
+                       if k.startswith("test/") and not k.endswith(("loss", "num_images")))
+    log.info("Reusing teacher %s (trained on %s%s; %s)", path, data.get("name"),
+             f" {data['root']}" if data.get("root") else "", scores or "no test metrics")
+
+
+def teacher_run_config(cfg: DictConfig) -> DictConfig:
+    """``cfg`` for the teacher's own run in ``<output dir>/teacher`` (its checkpoints, panels and
+    W&B id there; the logger keeps writing where the run's does), resumed from its last checkpoint."""
+    run_dir = Path(cfg.paths.output_dir) / "teacher"
+    teacher_cfg = cfg.copy()
+    with open_dict(teacher_cfg):
+        if teacher_cfg.get("logger") and "save_dir" in teacher_cfg.logger:
+            teacher_cfg.logger.save_dir = str(OmegaConf.select(cfg, "logger.save_dir"))
+        teacher_cfg.paths.output_dir = str(run_dir)
+        teacher_cfg.ckpt_path = last_checkpoint(run_dir, bool(cfg.get("trust_checkpoints", False)),
+                                                bool(cfg.get("resume_fallback", False)), "teacher's last.ckpt")
+        teacher_cfg.trainer.enable_model_summary = False  # one model summary per run: the student's
+    if teacher_cfg.ckpt_path:
+        log.info("Resuming the teacher from its own last checkpoint %s", teacher_cfg.ckpt_path)
+    return teacher_cfg
+
+
+def resolve_teacher(cfg: DictConfig, datamodule: pl.LightningDataModule,
+                    train: TrainStage) -> tuple[torch.nn.Module, Path | None]:
+    """The teacher: as built (``teacher.as_is``: e.g. ImageNet weights for ImageNet data), from
+    ``teacher.checkpoint``, or from the default checkpoint, trained first (with ``train``) when
+    it does not exist."""
+    if cfg.teacher.get("as_is"):
+        log.info("Teacher: %s as built (teacher.as_is=true: not trained here)", model_label(cfg.teacher))
+        return network(cfg, "teacher"), None
+    expected = identity(cfg, "teacher", datamodule)
+    if cfg.teacher.checkpoint is not None:
+        path = Path(cfg.teacher.checkpoint)
+    else:
+        path = default_checkpoint(cfg, datamodule)
+        if path.is_file():
+            announce(path)
+        else:
+            log.info("No teacher checkpoint at %s: training the %s teacher first (same data and "
+                     "trainer settings), then distilling.", path, model_label(cfg.teacher))
+            train_teacher(teacher_run_config(cfg), datamodule, path, train)
+    teacher = load_network(path, lambda: network(cfg, "teacher", weights_from_checkpoint=True),
+                           cfg.teacher.name, int(cfg.data.num_classes), expected,
+                           trusted=bool(cfg.get("trust_checkpoints", False)))
+    return teacher, path
