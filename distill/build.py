@@ -17,8 +17,9 @@ from distill import console, mid_epoch
 from distill.callbacks import EpochSeeding
 from distill.checkpoints import AtomicCheckpointIO
 from distill.errors import ConfigError, DistillError
+from distill.explain import inspect_network
 from distill.identity import data_identity, network_identity
-from distill.models import build_model, inspect_network, model_options, require_network
+from distill.models import build_model, model_options, require_network
 from distill.tasks import build_task
 
 MODULE_TRAINER_KEYS = ("skip_nonfinite", "max_skipped_steps")  # trainer.* keys the LightningModule reads

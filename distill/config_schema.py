@@ -17,7 +17,6 @@ keyword arguments (models, optimizers, schedulers, loggers). This module imports
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import types
 import typing
@@ -28,7 +27,7 @@ import annotated_types
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from distill.errors import ConfigError, os_cause
+from distill.errors import ConfigError, exit_on_user_error, os_cause
 
 # Names other modules define (kept in sync by tests/test_config_schema.py, so the schema never imports torch).
 EXPLAIN_METHODS = ("cam", "gradcam", "gradcampp", "hirescam", "xgradcam", "layercam")  # distill.explain.maps.METHODS
@@ -602,5 +601,5 @@ class CheckConfig(Callback):
         except Exception:  # noqa: BLE001 - never let the early check break a run: the run checks again
             problem = None
         if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            sys.exit(2)
+            with exit_on_user_error():
+                raise ConfigError(problem)

@@ -19,10 +19,10 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from distill.errors import ConfigError, DistillError
-from distill.explain import EVAL_METHOD, METHODS, explain_network
+from distill.explain import EVAL_METHOD, METHODS, explain_network, network_spec
 from distill.explain.maps import check_map_precision
 from distill.losses import INTERPRET_LOSSES, attention_transfer, decoupled_kd, dkd_warmup, interpret_loss, map_cosine
-from distill.models.contract import known_spec, network_spec, require_network
+from distill.models.contract import known_spec, require_network
 from distill.optim import SchedulerFactory, build_scheduler
 from distill.tasks import MulticlassTask
 

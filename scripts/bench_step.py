@@ -55,7 +55,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distill.models import build_model, inspect_network, network_spec  # noqa: E402
+from distill.explain import inspect_network, network_spec  # noqa: E402
+from distill.models import build_model  # noqa: E402
 from distill.module import DistillModule, ExplainSettings, LossWeights  # noqa: E402
 from distill.tasks import MulticlassTask, MultilabelTask  # noqa: E402
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import ConfigError
-from distill.explain import explain_network, leaf_features
-from distill.models import Network, build_model, inspect_network, network_spec
+from distill.explain import explain_network, inspect_network, leaf_features, network_spec
+from distill.models import Network, build_model
 
 # (library, arch, expected path): the fast path each family must get (point 4 of the any-network work).
 FAMILIES = [

@@ -20,8 +20,8 @@ from torch import nn
 from distill.evaluation import faithfulness as F
 from distill.evaluation.grid import explanation_grid, figure_array, save_figure
 from distill.evaluation.report import summarize_multirun
+from distill.explain import inspect_network, use_general_path
 from distill.losses import map_cosine
-from distill.models import inspect_network, use_general_path
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from distill.errors import ConfigError
-from distill.models import MODELS, Network, WideResNet, build_model, inspect_network, register_model
+from distill.explain import inspect_network
+from distill.models import MODELS, Network, WideResNet, build_model, register_model
 
 EXPECTED_PARAMS = {"wrn40_2": 2_243_546, "wrn16_2": 691_674}
 

@@ -22,7 +22,7 @@ from distill.evaluation.pointing import (
     sample_grids,
     tile_grids,
 )
-from distill.models import inspect_network, use_general_path
+from distill.explain import inspect_network, use_general_path
 
 METHODS = ("gradcam", "gradcampp", "hirescam", "xgradcam", "layercam")
 

@@ -17,8 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from distill.errors import ConfigError
-from distill.explain import explanation_maps, model_maps
-from distill.models import build_model, inspect_network
+from distill.explain import explanation_maps, inspect_network, model_maps
+from distill.models import build_model
 from distill.module import DistillModule, ExplainSettings, LossWeights
 
 KD_EXPLAIN = LossWeights(ce=1.0, kd=1.0, explain=0.01)
@@ -268,30 +268,58 @@ def test_compiled_student_backbone_with_explanation_loss_matches_eager(closed_fo
         torch.testing.assert_close(compiled[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_teacher_and_student_compile_from_config(tmp_path, smoke_cfg, monkeypatch):
-    """teacher.compile=true / student.compile=true through distill.run (aot_eager backend)."""
-    from distill import run as run_module
-
+@pytest.fixture
+def compile_calls(monkeypatch):
+    """``torch.compile`` with the aot_eager backend (no C++ toolchain needed); the names of what it compiled."""
     compiled = []
     real_compile = torch.compile
 
     def compile_aot_eager(fn, **kwargs):
-        compiled.append(getattr(fn, "__qualname__", str(fn)))
+        compiled.append(getattr(fn, "__qualname__", type(fn).__name__))
         return real_compile(fn, backend="aot_eager")
 
     monkeypatch.setattr(torch, "compile", compile_aot_eager)
     torch._dynamo.reset()
+    return compiled
+
+
+def _teacher_file(tmp_path):
     teacher = build_model("wrn16_2", 10)
     checkpoint = tmp_path / "teacher.ckpt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in teacher.state_dict().items()},
                 "hyper_parameters": {"model_name": "wrn16_2", "num_classes": 10}}, checkpoint)
-    cfg = smoke_cfg("explain=gradcampp", "explain.closed_form=false", "kd=hinton", f"teacher.checkpoint={checkpoint}",
-                    "teacher.compile=true", "student.compile=true", "trainer.max_epochs=1",
-                    "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0",
-                    "test_after_fit=false", "trainer.enable_progress_bar=false")
+    return checkpoint
+
+
+SHORT = ("trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+         "trainer.num_sanity_val_steps=0", "test_after_fit=false", "trainer.enable_progress_bar=false",
+         "~callbacks.explanation_panel")
+
+
+def test_teacher_and_student_compile_from_config(tmp_path, smoke_cfg, compile_calls):
+    """teacher.compile=true / student.compile=true through distill.run: the backbones, not the heads."""
+    from distill import run as run_module
+
+    cfg = smoke_cfg("explain=gradcampp", "explain.closed_form=false", "kd=hinton",
+                    f"teacher.checkpoint={_teacher_file(tmp_path)}", "teacher.compile=true", "student.compile=true",
+                    *SHORT)
     result = run_module.run(cfg)
-    assert sorted(compiled) == ["WideResNet.forward_features", "WideResNet.forward_features"]
-    assert torch.isfinite(torch.tensor(result["metrics"]["train/interpret"]))
+    assert sorted(compile_calls) == sorted(["WideResNet.forward_features", "WideResNet.forward_stages"] * 2)
+    assert torch.isfinite(torch.tensor(result["metrics"]["train/loss"]))
+
+
+@pytest.mark.parametrize("overrides", [("stage=teacher",), ("kd=at",)], ids=["teacher", "kd=at"])  # baseline ~ teacher
+def test_compile_applies_in_every_stage_and_with_attention_transfer(tmp_path, smoke_cfg, compile_calls, overrides):
+    from distill import run as run_module
+
+    alone = overrides[0].startswith("stage=")  # one network trained; kd=at: teacher and student
+    teacher = tmp_path / "published.ckpt" if alone else _teacher_file(tmp_path)
+    cfg = smoke_cfg(*overrides, f"teacher.checkpoint={teacher}", "teacher.compile=true", "student.compile=true",
+                    *SHORT)
+    result = run_module.run(cfg)
+    assert sorted(compile_calls) == sorted(["WideResNet.forward_features", "WideResNet.forward_stages"]
+                                           * (1 if alone else 2))
+    assert torch.isfinite(torch.tensor(result["metrics"]["train/loss"]))
 
 
 def test_compile_config_defaults_off():

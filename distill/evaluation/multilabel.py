@@ -112,7 +112,7 @@ def evaluate_multilabel_batch(
     Returns ``scores`` ``{key: (value, weight)}`` (flat tensors; keys as for single-label data,
     ``loc{100 delta:02d}`` for the localisation, ``teacher/`` for the teacher) and ``logits``
     ``{"": student, "teacher/": teacher}`` ``(B, C)`` for the mAP. ``max_targets`` caps the
-    classes explained per image (``data.max_map_targets``); ``None``: the batch's largest count.
+    classes explained per image (``task.max_map_targets``); ``None``: the batch's largest count.
     """
     images, labels = batch[0], batch[1].long()
     if max_targets is None:  # pad to the batch's largest number of positives (one host sync per batch)

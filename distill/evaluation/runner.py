@@ -60,7 +60,8 @@ def load_model(path: str | Path, what: str = "checkpoint", trusted: bool = False
     import torch
 
     from distill.checkpoints import read_checkpoint
-    from distill.models import build_model, inspect_network, require_network
+    from distill.explain import inspect_network
+    from distill.models import build_model, require_network
 
     path = Path(path)
     checkpoint = read_checkpoint(path, what, trusted)
@@ -263,6 +264,11 @@ def _pointing_game(session: Session, dataset, labels, correct, game: dict, seed:
         raise ConfigError(f"pointing game: {err}") from None
 
 
+def recorded_max_map_targets(session: Session) -> int | None:
+    """The training run's ``task.max_map_targets`` (``None``: pad to each batch's largest count)."""
+    return ((session.student.hparams.get("config") or {}).get("task") or {}).get("max_map_targets")
+
+
 def recorded_task(session: Session):
     """The task the checkpoint was trained for (its recorded ``config.task``)."""
     from distill.tasks import build_task
@@ -323,7 +329,7 @@ def _evaluate_multilabel(cfg: DictConfig, session: Session, limit: int | None, s
         num_images += batch[0].shape[0]
         batch_scores, logits = evaluate_multilabel_batch(
             session.student.model, batch, mean, std, teacher=teacher, deltas=deltas,
-            explain_teacher=bool(cfg.get("explain_teacher", True)), max_targets=task.max_map_targets,
+            explain_teacher=bool(cfg.get("explain_teacher", True)), max_targets=recorded_max_map_targets(session),
             similarity_method=cfg.eval_method)
         scores.update(batch_scores)
         for prefix, metric in ap.items():

@@ -15,7 +15,17 @@ from distill.explain.maps import (
     weighted_maps,
     xgradcam_weights,
 )
-from distill.explain.network import explain_network, head_maps, leaf_features, model_maps, network_maps
+from distill.explain.network import (
+    explain_network,
+    head_maps,
+    inspect_head,
+    inspect_network,
+    leaf_features,
+    model_maps,
+    network_maps,
+    network_spec,
+    use_general_path,
+)
 from distill.explain.visual import (
     GuidedReLUMode,
     denormalize,
@@ -34,6 +44,10 @@ __all__ = [
     "closed_form_weights",
     "denormalize",
     "explain_network",
+    "inspect_head",
+    "inspect_network",
+    "network_spec",
+    "use_general_path",
     "explanation_maps",
     "gradcam_weights",
     "gradcampp_alpha",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from distill.errors import ConfigError
 from distill.explain.maps import (
     class_gradients,
     closed_form_weights,
@@ -28,7 +29,16 @@ from distill.explain.maps import (
     float32_region,
     weighted_maps,
 )
-from distill.models.contract import NetworkSpec, map_head, map_logits, network_spec, pooled_head
+from distill.models.contract import (
+    CONTRACT_ATTRIBUTE,
+    MapPath,
+    NetworkSpec,
+    eval_mode,
+    map_head,
+    map_logits,
+    pooled_head,
+    require_network,
+)
 
 
 def _as_targets(target: Tensor) -> tuple[Tensor, bool]:
@@ -112,6 +122,127 @@ def fast_path_agrees(model: nn.Module, features: Tensor, spec: NetworkSpec, rtol
         if not torch.allclose(fast, general, rtol=rtol, atol=rtol * scale):
             return False
     return True
+
+
+# --------------------------------------------------------------------------- which path a head takes
+def _close(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (1 + b.abs().max().item()))
+
+
+def _linear_candidate(model: nn.Module) -> str | None:
+    """Name of the layer that a pool-then-linear head would end in: the model's last ``nn.Linear``."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+class _Head(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.model.forward_head(features)
+
+
+def _train_mode_head(model: nn.Module, features: Tensor) -> Tensor:
+    """The train-mode head on ``features``, run on copies of the buffers: probing must not move
+    BatchNorm statistics (nor bump their version inside a training step's graph)."""
+    buffers = {f"model.{name}": b.clone() for name, b in model.named_buffers()}
+    was_training = model.training
+    model.train()
+    try:
+        return torch.func.functional_call(_Head(model), buffers, (features,))
+    finally:
+        model.train(was_training)
+
+
+def _deterministic_head(model: nn.Module, features: Tensor) -> bool:
+    """True if the train-mode head gives the eval-mode logits (no active dropout, no batch-stat BN)."""
+    with torch.no_grad():
+        train_logits = (_train_mode_head(model, features), _train_mode_head(model, features))
+        eval_logits = map_head(model, features)
+    return all(_close(t, eval_logits) for t in train_logits)
+
+
+def check_map_features(model: nn.Module, features: Tensor) -> None:
+    if features.dim() != 4:
+        raise ConfigError(
+            f"{type(model).__name__}.forward_features gives shape {tuple(features.shape)}, not a (B, K, h, w) map: "
+            "token models (ViT, DeiT) have no spatial map to explain here: distill with CNN teachers and "
+            "students, and train a ViT alone with stage=teacher|baseline"
+        )
+
+
+def _at_least_float32(features: Tensor) -> Tensor:
+    return features.to(torch.promote_types(features.dtype, torch.float32))
+
+
+def _random_like(features: Tensor) -> Tensor:
+    """A random non-negative batch like ``features``, with per-sample differences in scale."""
+    scale = torch.rand(features.shape[0], 1, 1, 1, dtype=features.dtype, device=features.device)
+    return torch.randn_like(features).abs() * (0.5 + 2 * scale)
+
+
+def choose_path(model: nn.Module, features: Tensor) -> tuple[MapPath, str | None]:
+    """Measure whether the head pools first and whether it is pool + one linear layer."""
+    with torch.no_grad():
+        logits = map_head(model, features)
+        pooled = features.mean(dim=(-2, -1))
+        try:
+            pooled_logits = pooled_head(model, pooled)
+        except RuntimeError:  # e.g. a head with a 7 x 7 convolution (timm's VGG ConvMlp)
+            return "general", None
+        if not _close(pooled_logits, logits):
+            return "general", None
+        name = _linear_candidate(model)
+        linear = model.get_submodule(name) if name is not None else None
+        if linear is not None and linear.in_features == pooled.shape[1] and _close(linear(pooled), logits):
+            return "linear", name
+    return "pooled", None
+
+
+def inspect_head(model: nn.Module, features: Tensor) -> NetworkSpec:
+    """Measure ``model``'s head on random ``features`` ``(B>=2, K, h, w)``; store and return its spec.
+
+    The chosen fast path is verified against the general autograd path on the same batch; a head
+    whose fast path would differ gets the general path (never silently wrong).
+    """
+    with float32_region(features):
+        path, linear_name = choose_path(model, features)
+        spec = NetworkSpec(path, _deterministic_head(model, features), linear_name)
+        if path != "general" and not fast_path_agrees(model, features, spec):
+            spec = NetworkSpec("general", spec.deterministic_head)
+    object.__setattr__(model, CONTRACT_ATTRIBUTE, spec)
+    return spec
+
+
+def use_general_path(model: nn.Module, features: Tensor) -> NetworkSpec:
+    """Measure ``model``'s head on ``features`` ``(B, K, h, w)``, then give it the general autograd path
+    whatever its head allows (as ``explain.closed_form=false`` does for one call)."""
+    spec = NetworkSpec("general", network_spec(model, features).deterministic_head)
+    object.__setattr__(model, CONTRACT_ATTRIBUTE, spec)
+    return spec
+
+
+def inspect_network(model: nn.Module, images: Tensor) -> NetworkSpec:
+    """Check ``model`` against the contract on ``images`` ``(B>=2, 3, H, W)`` and inspect its head."""
+    require_network(model, "network", type(model).__name__)
+    with torch.no_grad(), eval_mode(model):
+        features = model.forward_features(images)
+    check_map_features(model, features)
+    return inspect_head(model, _random_like(_at_least_float32(features)))
+
+
+def network_spec(model: nn.Module, features: Tensor | None = None) -> NetworkSpec:
+    """The model's ``NetworkSpec``; inspected on first use from ``features`` ``(B, K, h, w)``
+    (their shape only) when ``inspect_network`` was not called at build time."""
+    spec = getattr(model, CONTRACT_ATTRIBUTE, None)
+    if spec is None:
+        if features is None:
+            raise ConfigError(f"{type(model).__name__} was not inspected: call distill.explain.inspect_network first")
+        check_map_features(model, features)
+        spec = inspect_head(model, _random_like(_at_least_float32(features.detach())))
+    return spec
 
 
 # --------------------------------------------------------------------------- outside the training step

@@ -17,13 +17,9 @@ from distill.models.contract import (
     Network,
     NetworkSpec,
     eval_mode,
-    inspect_head,
-    inspect_network,
     map_head,
     map_logits,
-    network_spec,
     require_network,
-    use_general_path,
 )
 from distill.models.vgg import VGG, vgg11_student, vgg16
 from distill.models.wrn import WideResNet, wrn16_1, wrn16_2, wrn40_2
@@ -81,13 +77,9 @@ __all__ = [
     "WideResNet",
     "build_model",
     "eval_mode",
-    "inspect_head",
-    "inspect_network",
     "map_head",
     "map_logits",
     "model_options",
-    "network_spec",
     "register_model",
     "require_network",
-    "use_general_path",
 ]
