@@ -100,12 +100,14 @@ def task(cfg: DictConfig, datamodule: pl.LightningDataModule | None = None):
 
 
 def optimization(cfg: DictConfig) -> dict:
-    optim = cfg.optim
-    return {
-        "optimizer": instantiate(optim.optimizer, "the optimizer (optim=...)"),
-        "scheduler": instantiate(optim.scheduler, "the scheduler (optim=...)") if optim.get("scheduler") else None,
-        "scheduler_interval": optim.get("interval", "epoch"),
-    }
+    """The module's ``optimizer`` / ``scheduler`` config nodes (it builds them, and a checkpoint
+    records them), each checked here to build, so that a mistake is one line naming its group."""
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    instantiate(OmegaConf.create(optim["optimizer"]), "the optimizer (optim=...)")
+    if optim.get("scheduler"):
+        instantiate(OmegaConf.create(optim["scheduler"]), "the scheduler (optim=...)")
+    return {"optimizer": optim["optimizer"], "scheduler": optim.get("scheduler") or None,
+            "scheduler_interval": optim.get("interval", "epoch")}
 
 
 def nonfinite_options(cfg: DictConfig) -> dict:
@@ -113,8 +115,9 @@ def nonfinite_options(cfg: DictConfig) -> dict:
             "max_skipped_steps": int(cfg.trainer.get("max_skipped_steps", 10))}
 
 
-def module_hparams(cfg: DictConfig, role: str, stage: str, datamodule: pl.LightningDataModule) -> dict:
-    """What a checkpoint records of its network, data and run (read back by the evaluation scripts)."""
+def run_record(cfg: DictConfig, role: str, stage: str, datamodule: pl.LightningDataModule) -> dict:
+    """What a checkpoint records of its network, data and run (``distill.module.RECORD_KEYS``,
+    read back by the evaluation scripts and the teacher identity checks)."""
     return {
         "model_name": cfg[role].name,
         "num_classes": int(cfg.data.num_classes),

@@ -121,31 +121,52 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return read_checkpoint(path, "resume checkpoint", trusted=self.trusted)
 
 
-def load_network(path: str | Path, build: Callable[[], nn.Module], name: str, num_classes: int,
-                 identity: dict | None = None, what: str = "teacher checkpoint", trusted: bool = False) -> nn.Module:
-    """The network ``build()`` with the ``model.*`` weights of the distill checkpoint at ``path``.
+def recorded_options(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The model options a checkpoint's config records for its network (``teacher`` for a
+    teacher, else ``student``), with downloads switched off: the weights come from the file."""
+    from distill.models import model_options
 
-    Raises ``CheckpointError`` when the file is missing or corrupt, or when it holds another
-    architecture, number of classes, or (where both record one) another network or data
-    ``identity`` (``distill.identity``): one line saying what differs.
+    config = hparams.get("config") or {}
+    node = config.get("teacher" if hparams.get("stage") == "teacher" else "student") or {}
+    return model_options(node, weights_from_checkpoint=True) if node.get("name") == hparams.get("model_name") else {}
+
+
+def load_network(path: str | Path, what: str = "checkpoint", trusted: bool = False, *,
+                 build: Callable[[], nn.Module] | None = None,
+                 expected: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """``(network, hyper-parameters)`` of the distill checkpoint at ``path``, its ``model.*`` weights loaded.
+
+    ``build()`` makes the network the config asks for; without it, the network the checkpoint
+    records is rebuilt (``model_name``, ``num_classes`` and its recorded options). With
+    ``expected`` (``name``, ``num_classes`` and optionally the ``identity`` of ``distill.identity``),
+    a checkpoint of another architecture, number of classes, network or data is refused. Every
+    failure is a ``CheckpointError``: one line saying what differs or is wrong with the file.
     """
+    from distill.models import build_model
+
     checkpoint = read_checkpoint(path, what, trusted)
-    hparams = checkpoint.get("hyper_parameters", {})
-    saved_name, saved_classes = hparams.get("model_name"), hparams.get("num_classes")
-    if saved_name != name or saved_classes != num_classes:
-        raise CheckpointError(
-            f"{what} '{path}' holds a {saved_name} with {saved_classes} classes, but the config asks "
-            f"for a {name} with {num_classes} classes: choose the matching teacher=... / data=..., "
-            "or another checkpoint"
-        )
-    differ = differences(hparams.get("identity") or {}, identity or {})
-    if differ:
-        raise CheckpointError(f"{what} '{path}' was trained as another teacher: {'; '.join(differ)}. Point "
-                              "teacher.checkpoint to the matching file, or leave it null to train one")
-    model = build()
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    name, classes = hparams.get("model_name"), hparams.get("num_classes")
+    if name is None or classes is None:
+        raise CheckpointError(f"{what} '{path}' records no model_name / num_classes in its hyper_parameters: "
+                              "it was not written by train.py")
+    if expected is not None:
+        if (name, classes) != (expected["name"], expected["num_classes"]):
+            raise CheckpointError(
+                f"{what} '{path}' holds a {name} with {classes} classes, but the config asks for a "
+                f"{expected['name']} with {expected['num_classes']} classes: choose the matching teacher=... / "
+                "data=..., or another checkpoint")
+        differ = differences(hparams.get("identity") or {}, expected.get("identity") or {})
+        if differ:
+            raise CheckpointError(f"{what} '{path}' was trained as another teacher: {'; '.join(differ)}. Point "
+                                  "teacher.checkpoint to the matching file, or leave it null to train one")
+    try:
+        model = build() if build is not None else build_model(name, int(classes), **recorded_options(hparams))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{what} '{path}': cannot rebuild its network ({err})") from None
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{what} '{path}' does not fit a {name}: {str(err).splitlines()[0]}") from None
-    return model
+    return model, hparams

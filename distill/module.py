@@ -11,24 +11,58 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 
+from distill.checkpoints import load_network
 from distill.errors import ConfigError, DistillError
 from distill.explain import EVAL_METHOD, METHODS, explain_network, network_spec
 from distill.explain.maps import check_map_precision
 from distill.losses import INTERPRET_LOSSES, attention_transfer, decoupled_kd, dkd_warmup, interpret_loss, map_cosine
+from distill.models import BUILD_ATTRIBUTE, build_model, build_spec
 from distill.models.contract import known_spec, require_network
 from distill.optim import SchedulerFactory, build_scheduler
-from distill.tasks import MulticlassTask
+from distill.tasks import MulticlassTask, build_task
 
 log = logging.getLogger("distill")
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+# What train.py records beside the constructor arguments (read by the evaluation scripts and
+# the teacher identity checks); passed back as keyword arguments by ``load_from_checkpoint``.
+RECORD_KEYS = ("model_name", "num_classes", "data_name", "stage", "identity", "config", "teacher_checkpoint")
+
+
+def network_from(spec: nn.Module | dict[str, Any]) -> nn.Module:
+    """A network as given, or rebuilt from the spec a checkpoint records: ``build_model``'s
+    arguments, plus ``checkpoint`` for a teacher whose weights live in its own file (read safely)."""
+    if isinstance(spec, nn.Module):
+        return spec
+    options = dict(spec)
+    path = options.pop("checkpoint", None)
+    if path is None:
+        return build_model(**options)
+    model, _ = load_network(path, "teacher checkpoint", build=lambda: build_model(**options))
+    object.__setattr__(model, BUILD_ATTRIBUTE, {**(build_spec(model) or options), "checkpoint": path})
+    return model
+
+
+def factory_from(node: Callable | dict[str, Any] | None) -> Callable | None:
+    """An optimizer / scheduler factory as given, or from its Hydra config node (``_partial_: true``)."""
+    if node is None or callable(node):
+        return node
+    import hydra
+
+    return hydra.utils.instantiate(node)
+
+
+def plain(value: Any) -> Any:
+    """``value`` if a checkpoint can hold it for the safe loader (a config node), else None."""
+    return value if isinstance(value, dict) else None
 
 
 class NonFiniteLossError(DistillError):
@@ -82,32 +116,44 @@ class ClassifierModule(pl.LightningModule):
 
     def __init__(
         self,
-        model: nn.Module,
-        optimizer: OptimizerFactory,
-        scheduler: SchedulerFactory | None = None,
-        hparams: dict | None = None,
+        model: nn.Module | dict,
+        optimizer: OptimizerFactory | dict | None = None,
+        scheduler: SchedulerFactory | dict | None = None,
         task=None,
         skip_nonfinite: bool = False,
         scheduler_interval: str = "epoch",
         max_skipped_steps: int = 10,
         role: str = "student",
+        **record: Any,
     ) -> None:
+        """``model``, ``optimizer``, ``scheduler`` and ``task`` are objects or the config nodes that
+        build them; the nodes are saved as hyper-parameters (Lightning's convention), so
+        ``load_from_checkpoint(path)`` rebuilds the module. ``record``: what train.py records of
+        the run (``RECORD_KEYS``)."""
         super().__init__()
         if role not in ("teacher", "student"):
             raise ConfigError(f"a classifier trains a teacher or a student, not {role!r}")
-        self.role = role
         if scheduler_interval not in ("epoch", "step"):
             raise ConfigError(f"optim.interval={scheduler_interval!r}: use epoch or step")
-        self.model = model
+        unknown = sorted(set(record) - set(RECORD_KEYS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {unknown}")
+        self.role = role
+        self.model = network_from(model)
         self.skip_nonfinite = skip_nonfinite
         self.max_skipped_steps = max_skipped_steps  # consecutive skipped steps before the run stops
         self._skipped_in_a_row = 0
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
-        self.task = task or MulticlassTask(model.num_classes)
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        if isinstance(task, dict):
+            task = build_task(task, self.model.num_classes)
+        self.task = task or MulticlassTask(self.model.num_classes)
+        self.optimizer_factory = factory_from(optimizer)
+        self.scheduler_factory = factory_from(scheduler)
         self.scheduler_interval = scheduler_interval
-        self.save_hyperparameters(hparams or {})
+        self.save_hyperparameters({
+            "model": build_spec(self.model), "optimizer": plain(optimizer), "scheduler": plain(scheduler),
+            "task": self.task.spec, "skip_nonfinite": skip_nonfinite, "scheduler_interval": scheduler_interval,
+            "max_skipped_steps": max_skipped_steps, "role": role, **record})
         self.train_score = self.task.score_metric()
         self.eval_metrics = nn.ModuleDict({stage: self._eval_metrics() for stage in ("val", "test")})
 
@@ -196,6 +242,8 @@ class ClassifierModule(pl.LightningModule):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ConfigError(f"{type(self).__name__} was built without an optimizer: pass optimizer=... to train it")
         optimizer = self.optimizer_factory(params=self.trainable_parameters())
         if self.scheduler_factory is None:
             return optimizer
@@ -210,20 +258,25 @@ class DistillModule(ClassifierModule):
 
     def __init__(
         self,
-        student: nn.Module,
-        teacher: nn.Module,
-        optimizer: OptimizerFactory,
-        scheduler: SchedulerFactory | None = None,
-        weights: LossWeights = LossWeights(),
-        explain: ExplainSettings = ExplainSettings(),
-        hparams: dict | None = None,
+        student: nn.Module | dict,
+        teacher: nn.Module | dict,
+        optimizer: OptimizerFactory | dict | None = None,
+        scheduler: SchedulerFactory | dict | None = None,
+        weights: LossWeights | dict = LossWeights(),
+        explain: ExplainSettings | dict = ExplainSettings(),
         task=None,
         skip_nonfinite: bool = False,
         scheduler_interval: str = "epoch",
         max_skipped_steps: int = 10,
+        **record: Any,
     ) -> None:
-        super().__init__(student, optimizer, scheduler, hparams, task, skip_nonfinite, scheduler_interval,
-                         max_skipped_steps)
+        """As :class:`ClassifierModule`; ``teacher`` is a network or its recorded spec (with the
+        ``checkpoint`` its weights are read from), ``weights`` / ``explain`` the settings or their dicts."""
+        super().__init__(student, optimizer, scheduler, task, skip_nonfinite, scheduler_interval, max_skipped_steps,
+                         **record)
+        teacher, student = network_from(teacher), self.model
+        weights = LossWeights(**weights) if isinstance(weights, dict) else weights
+        explain = ExplainSettings(**explain) if isinstance(explain, dict) else explain
         if teacher.num_classes != student.num_classes:
             raise ConfigError(
                 f"teacher has {teacher.num_classes} classes but the student has "
@@ -238,6 +291,9 @@ class DistillModule(ClassifierModule):
         self.explain = explain
         if weights.explain > 0 and explain.method is None:
             raise ConfigError("explain.weight > 0 but explain.method is null: pick explain=gradcam|gradcampp")
+        self.hparams.pop("role")
+        self.hparams["student"] = self.hparams.pop("model")
+        self.hparams.update(teacher=build_spec(teacher), weights=asdict(weights), explain=asdict(explain))
 
     def _eval_metrics(self) -> MetricCollection:
         metrics = super()._eval_metrics()

@@ -61,10 +61,10 @@ def floats(metrics: dict[str, Any]) -> dict[str, float]:
 
 def train_classifier(cfg: DictConfig, datamodule: pl.LightningDataModule, role: str, stage: str) -> dict:
     """Cross-entropy training of ``cfg[role]`` alone (a teacher, or the baseline student)."""
-    model = build.compiled(cfg, role, build.network(cfg, role))
-    module = ClassifierModule(model, task=build.task(cfg, datamodule), role=role,
-                              hparams=build.module_hparams(cfg, role, stage, datamodule),
-                              **build.nonfinite_options(cfg), **build.optimization(cfg))
+    module = ClassifierModule(build.network(cfg, role), task=build.task(cfg, datamodule), role=role,
+                              **build.nonfinite_options(cfg), **build.optimization(cfg),
+                              **build.run_record(cfg, role, stage, datamodule))
+    build.compiled(cfg, role, module.model)
     return fit_and_test(cfg, module, datamodule, stage)
 
 
@@ -79,13 +79,14 @@ def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
                           dkd_beta=cfg.kd.get("dkd_beta", 0.0), dkd_warmup=cfg.kd.get("dkd_warmup", 0))
     settings = ExplainSettings(method=cfg.explain.method, loss=cfg.explain.loss, target=cfg.explain.target,
                                eval_method=cfg.eval_method, closed_form=cfg.explain.closed_form)
-    hparams = build.module_hparams(cfg, "student", "distill", datamodule)
-    hparams["teacher_checkpoint"] = str(teacher_path) if teacher_path else None
+    record = build.run_record(cfg, "student", "distill", datamodule)
     module = DistillModule(
-        build.compiled(cfg, "student", student), build.compiled(cfg, "teacher", teacher), weights=weights,
-        explain=settings, hparams=hparams, task=build.task(cfg, datamodule),
-        **build.nonfinite_options(cfg), **build.optimization(cfg),
+        student, teacher, weights=weights, explain=settings, task=build.task(cfg, datamodule),
+        **build.nonfinite_options(cfg), **build.optimization(cfg), **record,
+        teacher_checkpoint=str(teacher_path) if teacher_path else None,
     )
+    build.compiled(cfg, "student", module.model)
+    build.compiled(cfg, "teacher", module.teacher)
     result = fit_and_test(cfg, module, datamodule, "distill")
     return {**result, "teacher_checkpoint": str(teacher_path) if teacher_path else None}
 

@@ -30,6 +30,11 @@ class MulticlassTask:
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
 
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The ``task`` config node of this task (what a checkpoint records to rebuild it)."""
+        return {"name": self.name, "score": self.score_name}
+
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         return F.cross_entropy(logits, labels)
 
@@ -77,6 +82,11 @@ class MultilabelTask:
     def __init__(self, num_classes: int, max_map_targets: int | None = None) -> None:
         self.num_classes = num_classes
         self.max_map_targets = min(max_map_targets or num_classes, num_classes)
+        self._options = {"max_map_targets": max_map_targets}
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "score": self.score_name, **self._options}
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         return masked_bce(logits, labels)

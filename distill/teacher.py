@@ -23,6 +23,7 @@ from distill.ddp import ddp_barrier
 from distill.errors import CheckpointError, os_cause
 from distill.files import copy_file, write_json
 from distill.identity import checkpoint_stem
+from distill.models import BUILD_ATTRIBUTE, build_spec
 from distill.resume import last_checkpoint
 
 log = logging.getLogger("distill")
@@ -115,7 +116,9 @@ def resolve_teacher(cfg: DictConfig, datamodule: pl.LightningDataModule,
             log.info("No teacher checkpoint at %s: training the %s teacher first (same data and "
                      "trainer settings), then distilling.", path, model_label(cfg.teacher))
             train_teacher(teacher_run_config(cfg), datamodule, path, train)
-    teacher = load_network(path, lambda: network(cfg, "teacher", weights_from_checkpoint=True),
-                           cfg.teacher.name, int(cfg.data.num_classes), expected,
-                           trusted=bool(cfg.get("trust_checkpoints", False)))
-    return teacher, path
+    teacher, _ = load_network(path, "teacher checkpoint", bool(cfg.get("trust_checkpoints", False)),
+                              build=lambda: network(cfg, "teacher", weights_from_checkpoint=True),
+                              expected={"name": cfg.teacher.name, "num_classes": int(cfg.data.num_classes),
+                                        "identity": expected})
+    object.__setattr__(teacher, BUILD_ATTRIBUTE, {**build_spec(teacher), "checkpoint": str(path)})  # rebuilt by
+    return teacher, path  # DistillModule.load_from_checkpoint from its own file

@@ -290,9 +290,11 @@ def test_teacher_checkpoint_of_another_network_or_data_is_refused_in_one_line(tm
                 "hyper_parameters": {"model_name": "wrn16_1", "num_classes": 3, "identity": saved}}, path)
     other = {"network": {"name": "wrn16_1"}, "data": {**saved["data"], "root": "/data/b"}}
     with pytest.raises(CheckpointError, match=r"data\.root: '/data/a' \(checkpoint\) vs '/data/b' \(config\)") as info:
-        load_network(path, lambda: build_model("wrn16_1", 3), "wrn16_1", 3, other)
+        load_network(path, build=lambda: build_model("wrn16_1", 3),
+                     expected={"name": "wrn16_1", "num_classes": 3, "identity": other})
     assert "\n" not in str(info.value)
-    loaded = load_network(path, lambda: build_model("wrn16_1", 3), "wrn16_1", 3, saved)
+    loaded, _ = load_network(path, build=lambda: build_model("wrn16_1", 3),
+                             expected={"name": "wrn16_1", "num_classes": 3, "identity": saved})
     torch.testing.assert_close(loaded.state_dict(), model.state_dict())
     # The default file name tells networks and data apart.
     names = {checkpoint_stem(n, d) for n, d in ((saved["network"], saved["data"]), (other["network"], other["data"]),

@@ -97,7 +97,7 @@ def _normalise(x_uint8_chw: np.ndarray) -> torch.Tensor:
 def test_cifar_batches_shapes_dtypes_normalisation(cifar):
     root, raw = cifar
     dm = _cifar_dm(root)
-    assert (dm.name, dm.num_classes, dm.task) == ("cifar10", 10, "multiclass")
+    assert (dm.name, dm.num_classes, dm.multilabel) == ("cifar10", 10, False)
     assert dm.image_size == (32, 32) and dm.mean == CIFAR10_MEAN and dm.std == CIFAR10_STD
     assert dm.class_names is not None and dm.class_names[0] == "airplane"
     dm.prepare_data()

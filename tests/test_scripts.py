@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import REPO, run_train
 
@@ -158,3 +159,28 @@ def test_user_mistakes_give_one_line_and_status_2(script, args, message, tmp_pat
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_checkpoints_rebuild_their_modules_with_load_from_checkpoint(trained):
+    """A module saves its constructor arguments (config nodes) as hyper-parameters: Lightning's
+    ``load_from_checkpoint`` rebuilds the distilled student with its teacher, read back from the
+    teacher's own file, and the teacher's classifier module; both with the safe loader."""
+    from distill.module import ClassifierModule, DistillModule
+
+    job = job_with(trained["multirun"], "gradcampp", 0)
+    path = job / "checkpoints" / "best.ckpt"
+    module = DistillModule.load_from_checkpoint(path, map_location="cpu")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    teacher_file = torch.load(trained["teacher"], map_location="cpu", weights_only=True)
+    for name, value in module.model.state_dict().items():
+        torch.testing.assert_close(value, saved["state_dict"][f"model.{name}"], rtol=0, atol=0)
+    for name, value in module.teacher.state_dict().items():
+        torch.testing.assert_close(value, teacher_file["state_dict"][f"model.{name}"], rtol=0, atol=0)
+    assert module.explain.method == "gradcampp" and module.weights.explain == 0.01
+    assert module.hparams["teacher"]["checkpoint"] == str(trained["teacher"])
+    assert module.hparams["stage"] == "distill" and not module.teacher.training
+    assert module.optimizer_factory.func is torch.optim.SGD  # the recorded optim config, rebuilt
+    teacher = ClassifierModule.load_from_checkpoint(trained["teacher"], map_location="cpu")
+    assert teacher.role == "teacher" and teacher.hparams["model"] == {"name": "wrn16_2", "num_classes": 10}
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(teacher.eval()(x), module.teacher(x))

@@ -40,49 +40,20 @@ class LoadedModel:
         return int(self.hparams["num_classes"])
 
 
-def _model_options(hparams: dict) -> dict:
-    """Model options recorded in the config (``cfg.teacher`` / ``cfg.student`` minus bookkeeping).
-
-    The weights come from the checkpoint, so ``pretrained`` is switched off (no download).
-    """
-    config = hparams.get("config") or {}
-    node = config.get("teacher" if hparams.get("stage") == "teacher" else "student") or {}
-    if node.get("name") != hparams.get("model_name"):
-        return {}
-    from distill.models import model_options
-
-    return model_options(node, weights_from_checkpoint=True)
-
-
 def load_model(path: str | Path, what: str = "checkpoint", trusted: bool = False) -> LoadedModel:
     """Rebuild the ``model.*`` network of a distill checkpoint (any stage), in eval mode; the file
     is read with the safe loader unless ``trusted`` (``trust_checkpoints=true``)."""
     import torch
 
-    from distill.checkpoints import read_checkpoint
+    from distill.checkpoints import load_network
     from distill.explain import inspect_network
-    from distill.models import build_model, require_network
+    from distill.models import require_network
 
-    path = Path(path)
-    checkpoint = read_checkpoint(path, what, trusted)
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
-    if "model_name" not in hparams or "num_classes" not in hparams:
-        raise CheckpointError(f"{what} '{path}' records no model_name / num_classes in its hyper_parameters: "
-                              "it was not written by train.py")
-    try:
-        model = build_model(hparams["model_name"], int(hparams["num_classes"]), **_model_options(hparams))
-    except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{what} '{path}': cannot rebuild its network ({err})") from None
-    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"{what} '{path}' does not fit a {hparams['model_name']}: "
-                              f"{str(err).splitlines()[0]}") from None
+    model, hparams = load_network(path, what, trusted)
     require_network(model, what, hparams["model_name"])
     size = int(((hparams.get("config") or {}).get("data") or {}).get("image_size") or 32)
     inspect_network(model.eval(), torch.randn(2, 3, size, size))
-    return LoadedModel(model.eval().requires_grad_(False), path, hparams)
+    return LoadedModel(model.eval().requires_grad_(False), Path(path), hparams)
 
 
 def teacher_path(explicit: str | None, hparams: dict) -> Path | None:

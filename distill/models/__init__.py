@@ -24,6 +24,8 @@ from distill.models.contract import (
 from distill.models.vgg import VGG, vgg11_student, vgg16
 from distill.models.wrn import WideResNet, wrn16_1, wrn16_2, wrn40_2
 
+BUILD_ATTRIBUTE = "distill_build"  # what build_model was called with, kept on the network
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "wrn16_1": wrn16_1,
     "wrn16_2": wrn16_2,
@@ -64,10 +66,20 @@ def build_model(name: str, num_classes: int, **options) -> nn.Module:
         raise ConfigError(f"unknown model '{name}'; registered models: {', '.join(sorted(MODELS))}")
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
-    return MODELS[name](num_classes=num_classes, **options)
+    model = MODELS[name](num_classes=num_classes, **options)
+    object.__setattr__(model, BUILD_ATTRIBUTE, {"name": name, "num_classes": num_classes, **options})
+    return model
+
+
+def build_spec(model: nn.Module) -> dict | None:
+    """The ``build_model`` arguments that made ``model`` (``name``, ``num_classes``, options), or
+    None for a network built otherwise: what a checkpoint records to rebuild it."""
+    spec = getattr(model, BUILD_ATTRIBUTE, None)
+    return dict(spec) if spec is not None else None
 
 
 __all__ = [
+    "BUILD_ATTRIBUTE",
     "MODELS",
     "VGG",
     "Network",
@@ -76,6 +88,7 @@ __all__ = [
     "TimmNetwork",
     "WideResNet",
     "build_model",
+    "build_spec",
     "eval_mode",
     "map_head",
     "map_logits",
