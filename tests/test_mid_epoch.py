@@ -18,9 +18,9 @@ from torch.utils.data import TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill.config_schema import check_config
-from distill.data.base import EpochShuffleSampler
 from distill.data.on_device import DeviceBatches
 from distill.data.resumable import ResumableLoader, resume_point
+from distill.data.seeding import EpochShuffleSampler
 from distill.errors import ConfigError
 from distill.mid_epoch import MidEpochState
 from tests.conftest import compose_config

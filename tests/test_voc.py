@@ -17,12 +17,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from omegaconf import OmegaConf
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
 import distill.data.voc as voc_module
 from distill.callbacks_localization import LocalizationCallback
+from distill.data.resumable import ResumableLoader
+from distill.data.seeding import EpochShuffleSampler
 from distill.data.voc import IMAGENET_MEAN, IMAGENET_STD, VOC_CLASSES, VOC2007DataModule, parse_annotation
 from distill.errors import ConfigError, DataError, DistillError
 from distill.evaluation.localization import box_masks, localization_scores
@@ -152,6 +155,25 @@ def test_datamodule_batches(voc_root):
     corner = x[:, :, 0, 0]
     bg = torch.tensor([(40 / 255 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)])
     assert ((corner - bg).abs() < 0.1).all(dim=1).any()
+
+
+def test_train_order_is_seeded_epoch_dependent_and_resumes_mid_epoch(voc_root):
+    def epoch(loader, e):
+        _set_sampler_epoch(loader, e)  # what Lightning's fit loop calls every epoch
+        return [x for x, _ in loader]  # augment=False: each image is fixed, so this is the order
+
+    dm = voc_dm(voc_root, augment=False, seed=5)
+    loader = dm.train_dataloader()
+    assert isinstance(loader, ResumableLoader)
+    for e in (0, 1):  # the order of every training loader with this seed: 12 images = 3 batches of 4
+        order = EpochShuffleSampler(12, seed=5).order(e)[0].tolist()
+        assert torch.equal(torch.cat(epoch(loader, e)), torch.stack([dm.train_set[i][0] for i in order]))
+    assert EpochShuffleSampler(12, seed=5).order(0)[0].tolist() != EpochShuffleSampler(12, seed=5).order(1)[0].tolist()
+    first = epoch(loader, 1)
+    resumed = voc_dm(voc_root, augment=False, seed=5).train_dataloader()  # a fresh process
+    resumed.load_state_dict({"epoch": 1, "batches": 1, "per_epoch": 3})
+    rest = [x for x, _ in resumed]  # neither replayed nor skipped
+    assert len(rest) == 2 and all(torch.equal(a, b) for a, b in zip(rest, first[1:], strict=True))
 
 
 def test_difficult_only_target_is_minus_one(voc_root):
