@@ -29,8 +29,8 @@ from distill.data.seeding import EpochShuffleSampler
 from distill.data.voc import IMAGENET_MEAN, IMAGENET_STD, VOC_CLASSES, VOC2007DataModule, parse_annotation
 from distill.errors import ConfigError, DataError, DistillError
 from distill.evaluation.localization import box_masks, localization_scores
-from distill.evaluation.voc import MultilabelMeanAP, average_precision_11point, average_precision_area
 from distill.losses import masked_bce, multilabel_kd
+from distill.metrics import MultilabelMeanAP, average_precision_11point, average_precision_area
 from distill.models import build_model
 from distill.models.vgg import vgg11_student, vgg16
 from distill.module import DistillModule, ExplainSettings, LossWeights

@@ -1,4 +1,4 @@
-"""Mean average precision for multi-label classification (PASCAL VOC 2007).
+"""Training and evaluation metrics: mean average precision for multi-label classification (PASCAL VOC 2007).
 
 Targets ``(N, C)`` hold ``1`` (positive), ``0`` (negative) or ``-1`` (ignored: the class
 appears in the image only as "difficult" objects). Ignored entries are neither true nor false
