@@ -18,7 +18,7 @@ from distill.errors import ConfigError, DataError
 from distill.losses import decoupled_kd, dkd_parts, dkd_warmup, hinton_kd
 from distill.models import build_model
 from distill.module import DistillModule, LossWeights
-from tests.conftest import CONFIG_DIR, compose_config
+from tests.support import CONFIG_DIR, compose_config
 from tests.tiny_datasets import WNIDS, write_cifar100, write_image_tree
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)  # RepDistiller's dataset/cifar100.py

@@ -13,7 +13,7 @@ from distill.models import build_model
 from distill.module import ExplainSettings, LossWeights
 from distill.optim import build_scheduler
 from distill.run import build_logger, distill_trainer_keys
-from tests.conftest import CONFIG_DIR, compose_config
+from tests.support import CONFIG_DIR, compose_config
 from tests.tiny_datasets import write_image_tree
 
 GROUPS = ["data", "teacher", "student", "explain", "kd", "optim", "trainer", "logger", "experiment"]

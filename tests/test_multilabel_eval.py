@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from distill.evaluation.multilabel import evaluate_multilabel_batch, positive_targets
-from tests.conftest import CONFIG_DIR, run_train
+from tests.support import CONFIG_DIR, run_train
 from tests.test_voc import make_voc_tree
 
 

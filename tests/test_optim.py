@@ -15,7 +15,7 @@ from distill.errors import ConfigError
 from distill.module import ClassifierModule
 from distill.optim import cosine_annealing
 from distill.run import optimization
-from tests.conftest import compose_config
+from tests.support import compose_config
 
 
 class TinyNet(nn.Module):

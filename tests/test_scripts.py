@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_train
+from tests.support import REPO, run_train
 
 pytestmark = pytest.mark.slow
 

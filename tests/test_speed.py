@@ -297,7 +297,7 @@ def test_teacher_and_student_compile_from_config(tmp_path, smoke_cfg, monkeypatc
 def test_compile_config_defaults_off():
     from omegaconf import OmegaConf
 
-    from tests.conftest import CONFIG_DIR
+    from tests.support import CONFIG_DIR
 
     for group in ("teacher", "student"):
         for path in sorted((CONFIG_DIR / group).glob("*.yaml")):

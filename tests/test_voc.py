@@ -35,7 +35,7 @@ from distill.models import build_model
 from distill.models.vgg import vgg11_student, vgg16
 from distill.module import DistillModule, ExplainSettings, LossWeights
 from distill.tasks import MultilabelTask, MultilabelVOC11Task, build_task
-from tests.conftest import CONFIG_DIR, compose_config, run_train
+from tests.support import CONFIG_DIR, compose_config, run_train
 
 TINY = {"width": 0.0625, "hidden": 16}  # 4..32 channels: milliseconds per batch
 

@@ -11,7 +11,7 @@ import wandb
 from wandb.proto import wandb_internal_pb2
 
 from distill.run import run, wandb_credentials_present
-from tests.conftest import compose_config
+from tests.support import compose_config
 
 pytestmark = pytest.mark.slow
 
