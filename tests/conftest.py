@@ -10,6 +10,7 @@ import pytest
 from omegaconf import DictConfig
 
 from tests.support import compose_config
+from tests.tiny_datasets import make_voc_tree
 
 # Tiny test models: one intra-op thread per process beats two threads fighting over 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -31,3 +32,11 @@ def smoke_cfg(tmp_path: Path):
         return compose_config(tmp_path, ["experiment=smoke", "logger=csv", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory) -> Path:
+    """A tiny PASCAL VOC 2007 tree (12 trainval, 8 test images), built once per test module."""
+    root = tmp_path_factory.mktemp("voc")
+    make_voc_tree(root)
+    return root

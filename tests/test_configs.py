@@ -8,6 +8,7 @@ import pytest
 import torch
 from hydra.errors import MissingConfigException
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from omegaconf import OmegaConf
 
 from distill.models import build_model
 from distill.module import ExplainSettings, LossWeights
@@ -101,3 +102,16 @@ def test_wrong_option_lists_valid_choices(group, tmp_path):
     assert "Available options" in message
     for option in options(group):
         assert option in message
+
+
+def test_configs_build_the_models(tmp_path):
+    cfg = compose_config(tmp_path, ["experiment=smoke_voc"])
+    for role in ("teacher", "student"):
+        node = OmegaConf.to_container(cfg[role], resolve=True)
+        options = {k: v for k, v in node.items() if k not in ("name", "checkpoint", "compile")}
+        model = build_model(node["name"], int(cfg.data.num_classes), **options)
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 20)
+    full = compose_config(tmp_path, ["experiment=voc2007_paper"])
+    assert full.teacher.name == "vgg16" and full.teacher.pretrained and full.teacher.finetune == "head"
+    assert full.student.name == "vgg11_student" and full.data.name == "voc2007" and full.data.image_size == 224
+    assert (CONFIG_DIR / "optim" / "sgd_voc.yaml").is_file() and full.optim.optimizer.lr == 0.01

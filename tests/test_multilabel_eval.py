@@ -18,7 +18,7 @@ from torch import nn
 
 from distill.evaluation.multilabel import evaluate_multilabel_batch, positive_targets
 from tests.support import CONFIG_DIR, run_train
-from tests.test_voc_data import make_voc_tree
+from tests.tiny_datasets import make_voc_tree
 
 
 def sig(x: float) -> float:
