@@ -1,4 +1,4 @@
-"""Plain helpers shared by the tests (the fixtures built on them are in tests/conftest.py): the
+"""Plain helpers shared by the tests (the fixtures built on them are in conftest.py): the
 repository's paths, Hydra composition into a temporary folder, and running train.py."""
 
 from __future__ import annotations
