@@ -25,7 +25,8 @@ class EpochTimer(pl.Callback):
 
 
 class EpochSeeding(pl.Callback):
-    """Reseed torch, numpy and ``random`` from ``(seed, epoch)`` at every training epoch start.
+    """Reseed torch, numpy and ``random`` with ``distill.data.seeding.epoch_seed(seed, epoch)`` at
+    every training epoch start (the seed the training loaders' order is drawn from).
 
     Each epoch's shuffling and augmentation then depend only on the seed and the epoch, so a
     run resumed from an end-of-epoch checkpoint replays the interrupted epoch exactly.
@@ -35,7 +36,9 @@ class EpochSeeding(pl.Callback):
         self.seed = seed
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl.seed_everything(self.seed * 1000 + trainer.current_epoch, workers=True, verbose=False)
+        from distill.data.seeding import epoch_seed
+
+        pl.seed_everything(epoch_seed(self.seed, trainer.current_epoch), workers=True, verbose=False)
 
 
 class ExplanationPanel(pl.Callback):

@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from distill.errors import ConfigError
 from distill.losses import hinton_kd, masked_bce, multilabel_kd
+from distill.metrics import MultilabelMeanAP
 
 
 class MulticlassTask:
@@ -104,8 +105,6 @@ class MultilabelTask:
         return torch.where(top > 0, index, torch.full_like(index, -1))
 
     def score_metric(self) -> Metric:
-        from distill.evaluation.voc import MultilabelMeanAP
-
         return MultilabelMeanAP(self.num_classes, interpolation=self.interpolation)
 
     def agreement(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:

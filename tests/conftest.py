@@ -1,53 +1,27 @@
-"""Shared fixtures: Hydra composition into a temporary folder, and running train.py."""
+"""Shared fixtures (the plain helpers they use are in tests/support.py)."""
 
 from __future__ import annotations
 
+import functools
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
+
+from tests.support import compose_config
+from tests.tiny_datasets import make_voc_tree
 
 # Tiny test models: one intra-op thread per process beats two threads fighting over 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "configs"
-SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
-
-def compose_config(tmp_path: Path, overrides: list[str] = ()) -> DictConfig:
-    """The train.py config, composed as Hydra would, with every output under ``tmp_path``."""
-    GlobalHydra.instance().clear()
-    paths = [
-        f"paths.output_dir={tmp_path}",
-        f"paths.log_dir={tmp_path}/logs",
-        f"paths.data_dir={tmp_path}/data",
-        f"paths.checkpoint_dir={tmp_path}/checkpoints",
-        f"hydra.run.dir={tmp_path}",
-    ]
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        cfg = compose("train", overrides=[*overrides, *paths], return_hydra_config=True)
-        HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-        del cfg["hydra"]  # as in a real run: train.py's cfg has no hydra node
-    return cfg
-
-
-def run_train(args: list[str], tmp_path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python train.py ARGS`` in the repo, logging under ``tmp_path``."""
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
-    cmd = [sys.executable, str(REPO / "train.py"), *args, f"paths.log_dir={tmp_path}/logs",
-           f"paths.data_dir={tmp_path}/data"]
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+@pytest.fixture
+def compose(tmp_path: Path):
+    """``compose(overrides)``: the train.py config composed into ``tmp_path`` (:func:`compose_config`)."""
+    return functools.partial(compose_config, tmp_path)
 
 
 @pytest.fixture
@@ -58,3 +32,11 @@ def smoke_cfg(tmp_path: Path):
         return compose_config(tmp_path, ["experiment=smoke", "logger=csv", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory) -> Path:
+    """A tiny PASCAL VOC 2007 tree (12 trainval, 8 test images), built once per test module."""
+    root = tmp_path_factory.mktemp("voc")
+    make_voc_tree(root)
+    return root

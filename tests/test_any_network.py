@@ -231,7 +231,7 @@ def test_pairs_distill_through_train_py(pair, tmp_path):
     import json
     import math
 
-    from tests.conftest import run_train
+    from tests.support import run_train
 
     proc = run_train(["experiment=smoke", "logger=none", "explain=gradcampp", "kd=hinton", "data.image_size=32",
                       "trainer.max_epochs=1", *PAIRS[pair]], tmp_path)
@@ -342,7 +342,7 @@ def test_a_model_without_the_contract_stops_before_training_also_without_explana
 
 @pytest.mark.slow
 def test_vit_teacher_is_refused_before_it_is_trained(tmp_path):
-    from tests.conftest import run_train
+    from tests.support import run_train
 
     proc = run_train(["experiment=smoke", "logger=none", "teacher=timm", "teacher.arch=vit_tiny_patch16_224",
                       "+teacher.img_size=16"], tmp_path)

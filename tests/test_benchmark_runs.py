@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_train
+from tests.support import REPO, run_train
 from tests.tiny_datasets import write_cifar100, write_image_tree
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ from distill.errors import ConfigError, DataError
 from distill.losses import decoupled_kd, dkd_parts, dkd_warmup, hinton_kd
 from distill.models import build_model
 from distill.module import DistillModule, LossWeights
-from tests.conftest import CONFIG_DIR, compose_config
+from tests.support import CONFIG_DIR, compose_config
 from tests.tiny_datasets import WNIDS, write_cifar100, write_image_tree
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)  # RepDistiller's dataset/cifar100.py
@@ -233,8 +233,6 @@ def test_imagenet_kd_preset_is_the_resnet_protocol(tmp_path):
     assert (dkd.ce_weight, dkd.dkd_alpha, dkd.dkd_beta, dkd.temperature, dkd.dkd_warmup) == (1.0, 1.0, 0.5, 1.0, 1)
 
 
-@pytest.mark.skipif(not (CONFIG_DIR / "teacher" / "torchvision.yaml").is_file(),
-                    reason="teacher=torchvision (the any-network work) is not in this checkout")
 def test_imagenet_kd_preset_names_the_torchvision_resnets(tmp_path):
     cfg = compose_config(tmp_path, ["experiment=imagenet_kd"])
     assert (cfg.teacher.arch, cfg.teacher.weights, cfg.student.arch) == ("resnet34", "IMAGENET1K_V1", "resnet18")

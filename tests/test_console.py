@@ -20,7 +20,7 @@ from distill.explain import network_maps
 from distill.explain.visual import denormalize, overlay
 from distill.models import build_model
 from distill.tasks import MulticlassTask
-from tests.conftest import REPO
+from tests.support import REPO
 
 SMOKE_MAX_LINES = 45  # a smoke run (teacher trained first, then the student), W&B offline
 
@@ -172,7 +172,7 @@ def test_presets_compose_with_another_data_option(experiment, tmp_path):
     import hydra.utils
 
     from distill.data import ImageFolderDataModule
-    from tests.conftest import compose_config
+    from tests.support import compose_config
 
     cfg = compose_config(tmp_path, [f"experiment={experiment}", "data=image_folder", f"data.root={tmp_path}"])
     assert cfg.data._target_.endswith("ImageFolderDataModule") and "num_train" not in cfg.data
@@ -186,7 +186,7 @@ def test_presets_compose_with_another_data_option(experiment, tmp_path):
 
 @pytest.mark.slow
 def test_smoke_experiment_on_an_image_folder_end_to_end(tmp_path):
-    from tests.conftest import run_train
+    from tests.support import run_train
 
     _tiny_folder(tmp_path / "tree")
     proc = run_train(["experiment=smoke", "data=image_folder", f"data.root={tmp_path / 'tree'}", "data.num_classes=3",

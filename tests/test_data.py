@@ -20,11 +20,11 @@ from PIL import Image
 from distill.data import CIFAR10DataModule, ImageFolderDataModule, SyntheticDataModule
 from distill.download import DOWNLOAD_TIMEOUT_S
 from distill.errors import ConfigError, DataError
+from tests.support import REPO, SHARED_CIFAR
 
-REPO = Path(__file__).resolve().parents[1]
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # independent of distill.data.transforms
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-JPEG_TAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+JPEG_TAR = SHARED_CIFAR
 N_PER_BATCH = 20  # 5 train batches -> 100 train images
 N_TEST = 40
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO, run_train
+from tests.support import REPO, run_train
 
 pytestmark = pytest.mark.slow
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import copy
+import math
 from functools import partial
 
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from distill.errors import ConfigError
 from distill.models import build_model
+from distill.models.vgg import vgg11_student, vgg16
 from distill.module import DistillModule, ExplainSettings, LossWeights
+from distill.tasks import MultilabelTask
 
 
 def make_module(weights: LossWeights, method: str | None = "gradcampp", closed_form: bool = True, **explain):
@@ -180,3 +184,84 @@ def test_inference_mode_evaluation_is_refused_with_the_fix(tmp_path):
                          default_root_dir=tmp_path, inference_mode=True)
     with pytest.raises(ConfigError, match="trainer.inference_mode=false"):
         trainer.validate(module, DataLoader(TensorDataset(x, y), batch_size=8))
+
+
+# =========================================================================== multi-label (VOC): dropout and maps
+TINY = {"width": 0.0625, "hidden": 16}  # 4..32 channels: milliseconds per batch
+
+
+def _student_and_features(seed: int = 0):
+    torch.manual_seed(seed)
+    model = vgg11_student(20, dropout=0.5, **TINY).train()
+    x = torch.randn(3, 3, 64, 64)
+    features = model.forward_features(x)
+    return model, features
+
+
+def _distiller(student, teacher=None):
+    teacher = teacher or vgg16(20, **TINY)
+    return DistillModule(student, teacher, optimizer=torch.optim.SGD, weights=LossWeights(explain=1.0),
+                         explain=ExplainSettings(method="gradcampp"), task=MultilabelTask(20))
+
+
+def test_student_maps_in_training_are_computed_with_dropout_off():
+    model, features = _student_and_features()
+    module = _distiller(model)
+    target = torch.tensor([[0, 3, -1], [5, -1, -1], [1, 2, 7]])
+    logits = model.forward_head(features)  # dropout on: what CE / KD see
+    maps_a = module.maps(model, logits, features, target, "gradcampp", True)
+    maps_b = module.maps(model, model.forward_head(features), features, target, "gradcampp", True)
+    assert torch.equal(maps_a, maps_b)  # deterministic although the model is in train mode
+    model.eval()
+    reference = module.maps(model, model.forward_head(features), features, target, "gradcampp", False)
+    assert torch.allclose(maps_a, reference, atol=1e-6)  # the maps of the evaluated network
+    assert maps_a.requires_grad  # still differentiable for the interpretability loss
+    model.train()
+    # control: maps taken from the dropped-out logits are random (the test can fail)
+    from distill.explain import explanation_maps
+
+    raw_a = explanation_maps(model.forward_head(features), features, target, "gradcampp", True)
+    raw_b = explanation_maps(model.forward_head(features), features, target, "gradcampp", True)
+    assert not torch.allclose(raw_a, raw_b)
+    assert not torch.allclose(model.forward_head(features), model.forward_head(features, dropout=False))
+
+
+def _gradcam_one(model, features, b, c):
+    """Independent Grad-CAM for one (image, class): autograd on one logit, numpy-free formula."""
+    a = features[b : b + 1].detach().requires_grad_(True)
+    model.eval()
+    (g,) = torch.autograd.grad(model.forward_head(a)[0, c], a)
+    return F.relu((g.mean(dim=(2, 3), keepdim=True) * a).sum(1))[0]
+
+
+def test_batched_multilabel_maps_match_one_pair_at_a_time():
+    model, features = _student_and_features(1)
+    model.eval()
+    features = features.detach().requires_grad_(True)
+    target = torch.tensor([[2, 7, -1, -1], [0, 1, 4, 19], [-1, -1, -1, -1]])
+    module = _distiller(model)
+    maps = module.maps(model, model.forward_head(features), features, target, "gradcam", False)
+    assert maps.shape == (3, 4, 4, 4)
+    for b in range(3):
+        for t in range(4):
+            c = int(target[b, t])
+            expected = torch.zeros(4, 4) if c < 0 else _gradcam_one(model, features, b, c)
+            assert torch.allclose(maps[b, t], expected, atol=1e-6, rtol=1e-4), (b, t)
+
+
+def test_interpretability_loss_trains_the_student_through_the_vgg_head():
+    torch.manual_seed(0)
+    student = vgg11_student(20, **TINY)
+    module = _distiller(student)
+    module.train()
+    x = torch.randn(4, 3, 64, 64)
+    y = torch.zeros(4, 20, dtype=torch.int64)
+    y[0, [1, 5]] = 1
+    y[1, 2] = 1
+    y[2, 3] = -1  # difficult only: not explained
+    y[3, [0, 6, 9]] = 1
+    terms, _ = module.loss_terms(x, y)
+    assert math.isfinite(terms["interpret"].item()) and terms["interpret"] > 0
+    grads = torch.autograd.grad(terms["interpret"], [student.features[0].weight, student.classifier[0].weight])
+    assert all(g.abs().sum() > 0 for g in grads)  # second order through the head, down to the convs
+    assert all(p.grad is None for p in module.teacher.parameters())

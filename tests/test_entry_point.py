@@ -13,7 +13,7 @@ from distill.callbacks_localization import LocalizationCallback
 from distill.config_schema import config_errors
 from distill.ddp import ddp_job, hydra_ddp_command
 from distill.errors import ConfigError, DataError, exit_on_user_error
-from tests.conftest import compose_config
+from tests.support import compose_config
 
 
 def test_callbacks_come_from_their_config_group(tmp_path):

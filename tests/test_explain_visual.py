@@ -23,9 +23,10 @@ from distill.explain import (
     resize_maps,
 )
 from distill.models import build_model
+from tests.support import SHARED_CIFAR
 
 DT = torch.float64
-CIFAR_JPEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+CIFAR_JPEG = SHARED_CIFAR
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 

@@ -22,6 +22,8 @@ from distill.losses import (
     hinton_kd,
     interpret_loss,
     map_cosine,
+    masked_bce,
+    multilabel_kd,
 )
 
 KINDS = ("paper", "normalized", "cosine")
@@ -368,3 +370,35 @@ def test_map_cosine():
     assert map_cosine(a.repeat_interleave(2, 0).repeat_interleave(2, 1)[None], a[None]).item() == (
         pytest.approx(1.0, rel=1e-6)
     )
+
+
+# =========================================================================== multi-label (VOC)
+def _np_bce(z, y):
+    p = 1 / (1 + np.exp(-z))
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+
+def test_masked_bce_ignores_difficult_entries():
+    g = torch.Generator().manual_seed(0)
+    z = 2 * torch.randn(5, 20, generator=g, dtype=torch.float64)
+    y = torch.randint(-1, 2, (5, 20), generator=g)
+    keep = (y >= 0).numpy()
+    expected = _np_bce(z.numpy(), y.clamp_min(0).numpy())[keep].mean()
+    assert masked_bce(z, y).item() == pytest.approx(expected, rel=1e-5)
+    z.requires_grad_(True)
+    (grad,) = torch.autograd.grad(masked_bce(z, y), z)
+    assert (grad[y == -1] == 0).all() and (grad[y >= 0] != 0).all()
+    assert masked_bce(z, torch.full_like(y, -1)).item() == 0.0
+
+
+@pytest.mark.parametrize("temp", [1.0, 4.0])
+def test_multilabel_kd_is_scaled_bernoulli_kl(temp):
+    g = torch.Generator().manual_seed(1)
+    zs, zt = 3 * torch.randn(4, 20, generator=g), 3 * torch.randn(4, 20, generator=g)
+    ps, pt = 1 / (1 + np.exp(-zs.double().numpy() / temp)), 1 / (1 + np.exp(-zt.double().numpy() / temp))
+    kl = pt * np.log(pt / ps) + (1 - pt) * np.log((1 - pt) / (1 - ps))
+    assert multilabel_kd(zs, zt, temp).item() == pytest.approx(temp**2 * kl.mean(), rel=1e-4)
+    assert multilabel_kd(zt, zt, temp).item() == pytest.approx(0.0, abs=1e-6)
+    zs.requires_grad_(True)
+    (grad,) = torch.autograd.grad(multilabel_kd(zs, zt, temp), zs)
+    assert np.allclose(grad.double().numpy(), temp * (ps - pt) / zs.numel(), atol=1e-6)

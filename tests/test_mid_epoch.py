@@ -18,12 +18,11 @@ from torch.utils.data import TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill.config_schema import check_config
-from distill.data.base import EpochShuffleSampler
 from distill.data.on_device import DeviceBatches
 from distill.data.resumable import ResumableLoader, resume_point
+from distill.data.seeding import EpochShuffleSampler
 from distill.errors import ConfigError
 from distill.mid_epoch import MidEpochState
-from tests.conftest import compose_config
 
 
 def _loader(workers: int = 0, position=None) -> ResumableLoader:
@@ -122,9 +121,9 @@ def test_rng_and_train_metric_states_are_restored_on_a_mid_epoch_restart_only():
     ("trainer.checkpoint_every_n_steps=0", "checkpoint_every_n_steps=0 is not allowed"),
     ("trainer.checkpoint_every_minutes=-1", "checkpoint_every_minutes=-1 is not allowed"),
 ])
-def test_bad_checkpoint_intervals_are_one_line(override, message, tmp_path):
+def test_bad_checkpoint_intervals_are_one_line(override, message, compose):
     with pytest.raises(ConfigError, match=message):
-        check_config(compose_config(tmp_path, ["experiment=smoke", override]))
+        check_config(compose(["experiment=smoke", override]))
 
 
 def test_loader_remade_for_ddp_keeps_its_position_and_each_rank_resumes_its_own_shard():

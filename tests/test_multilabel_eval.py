@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from distill.evaluation.multilabel import evaluate_multilabel_batch, positive_targets
-from tests.conftest import CONFIG_DIR, run_train
-from tests.test_voc import make_voc_tree
+from tests.support import CONFIG_DIR, run_train
+from tests.tiny_datasets import make_voc_tree
 
 
 def sig(x: float) -> float:

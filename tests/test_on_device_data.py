@@ -234,7 +234,7 @@ def test_on_device_unsupported_is_a_config_error():
 def test_data_configs_have_on_device_off():
     from omegaconf import OmegaConf
 
-    from tests.conftest import CONFIG_DIR
+    from tests.support import CONFIG_DIR
 
     for name in ("cifar10", "image_folder"):
         assert OmegaConf.load(CONFIG_DIR / "data" / f"{name}.yaml").on_device is False
@@ -278,7 +278,7 @@ def test_train_py_with_data_on_device(tmp_path):
     import json
     import math
 
-    from tests.conftest import run_train
+    from tests.support import run_train
 
     rng = np.random.default_rng(0)
     for split, n in (("train", 8), ("test", 2)):

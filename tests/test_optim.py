@@ -15,7 +15,7 @@ from distill.build import optimization
 from distill.errors import ConfigError
 from distill.module import ClassifierModule
 from distill.optim import cosine_annealing
-from tests.conftest import compose_config
+from tests.support import compose_config
 
 
 class TinyNet(nn.Module):

@@ -19,7 +19,7 @@ from distill.errors import CheckpointError, ConfigError, DataError
 from distill.models import MODELS
 from distill.module import NonFiniteLossError
 from distill.run import run
-from tests.conftest import REPO, compose_config, run_train
+from tests.support import REPO, compose_config, run_train
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, run_train
+from tests.support import REPO, run_train
 
 pytestmark = pytest.mark.slow
 

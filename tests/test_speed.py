@@ -325,7 +325,7 @@ def test_compile_applies_in_every_stage_and_with_attention_transfer(tmp_path, sm
 def test_compile_config_defaults_off():
     from omegaconf import OmegaConf
 
-    from tests.conftest import CONFIG_DIR
+    from tests.support import CONFIG_DIR
 
     for group in ("teacher", "student"):
         for path in sorted((CONFIG_DIR / group).glob("*.yaml")):

@@ -22,7 +22,7 @@ from distill.errors import CheckpointError, ConfigError, DataError
 from distill.files import atomic_file, copy_file, write_json, write_text
 from distill.models import build_model
 from distill.module import ClassifierModule, NonFiniteLossError
-from tests.conftest import CONFIG_DIR, REPO, compose_config, run_train
+from tests.support import CONFIG_DIR, REPO, compose_config, run_train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
 

@@ -12,7 +12,7 @@ from wandb.proto import wandb_internal_pb2
 
 from distill.loggers import wandb_credentials_present
 from distill.run import run
-from tests.conftest import compose_config
+from tests.support import compose_config
 
 pytestmark = pytest.mark.slow
 

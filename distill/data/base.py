@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from distill.data.on_device import DeviceBatches, UInt8Images
 from distill.data.resumable import ResumableLoader, training_position
+from distill.data.seeding import EpochShuffleSampler
 from distill.errors import ConfigError
 
 
@@ -39,34 +40,6 @@ class TransformSubset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, int(label)
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """A random order that depends only on ``(seed, epoch)``.
-
-    Lightning calls :meth:`set_epoch` before every training epoch, and the DataLoader draws its
-    worker seeds from :attr:`generator`, reseeded there too. So epoch ``k`` sees the same order
-    and augmentation whether the run got there straight or was resumed from a checkpoint.
-    """
-
-    def __init__(self, num_items: int, seed: int) -> None:
-        self.num_items, self.seed, self.epoch = num_items, seed, 0
-        self.generator = torch.Generator()
-        self.set_epoch(0)
-
-    def _epoch_seed(self) -> int:
-        return self.seed * 1_000_003 + self.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.generator.manual_seed(self._epoch_seed())
-
-    def __len__(self) -> int:
-        return self.num_items
-
-    def __iter__(self) -> Iterator[int]:
-        order = torch.Generator().manual_seed(self._epoch_seed())
-        return iter(torch.randperm(self.num_items, generator=order).tolist())
 
 
 def seeded_subset(n: int, k: int, seed: int, what: str, items: str) -> list[int]:
@@ -253,7 +226,11 @@ class BaseDataModule(pl.LightningDataModule):
         self.val_set = test if val_idx is None else TransformSubset(train_full, val_idx, eval_tf)
         self.test_set = test
 
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader | DeviceBatches:
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool,
+                collate_fn: Callable | None = None) -> DataLoader | DeviceBatches:
+        """Training: a :class:`~distill.data.resumable.ResumableLoader` in the order of an
+        :class:`~distill.data.seeding.EpochShuffleSampler` (or on-device batches seeded the same way);
+        evaluation: a plain loader in order. ``collate_fn``: the DataLoader's (default: default_collate)."""
         if isinstance(dataset, UInt8Images):  # data.on_device=true
             padding = max(1, round(min(self.image_size) / 8))  # as cifar_train_transform
             return DeviceBatches.for_trainer(dataset, batch_size, self.trainer, train=train,
@@ -269,6 +246,7 @@ class BaseDataModule(pl.LightningDataModule):
             num_workers=self.loader_workers(),
             persistent_workers=self.loader_workers() > 0,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_fn,
             **resumable,
         )
 

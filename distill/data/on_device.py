@@ -6,8 +6,10 @@ tensor ops: gather the batch's images, random padded crop + horizontal flip as o
 gather, then scale + normalise. CIFAR-10's 50,000 training images take 150 MB.
 
 Reproducible from the seed: the shuffling order and the crop offsets / flips of an epoch are
-drawn on the CPU from a generator seeded with ``(seed, epoch)`` (so they are the same on every
-device type and do not depend on the global RNG), for the whole data set at once; Lightning
+drawn on the CPU from the generator of :mod:`distill.data.seeding` for ``(seed, epoch)`` (so
+they are the same on every device type and do not depend on the global RNG), for the whole data
+set at once: the order is the one a file-backed loader with the same seed draws
+(:class:`~distill.data.seeding.EpochShuffleSampler`), the crops and flips come after it. Lightning
 passes the epoch through ``sampler.set_epoch`` as it does for a ``DistributedSampler``, so a
 resumed run replays its epochs. Under DDP every rank draws the same global permutation and
 takes its own shard of it (``rank::world_size``, as ``DistributedSampler`` does), and an image
@@ -28,8 +30,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from distill.data.resumable import resume_point, training_position
-
-SEED_STRIDE = 1_000_003  # epochs of one seed never reach the next seed's generator seeds
+from distill.data.seeding import EpochShuffleSampler
 
 
 def crop_flip(images: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, padding: int) -> Tensor:
@@ -102,16 +103,6 @@ class UInt8Images(Dataset):
         return self._on
 
 
-class EpochSampler:
-    """What Lightning looks for on a loader to tell it the epoch (``loader.sampler.set_epoch``)."""
-
-    def __init__(self) -> None:
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-
 class DeviceBatches:
     """Batches ``(x float32 (B, 3, H, W) normalised, y int64 (B,))`` from images held on a device.
 
@@ -155,7 +146,8 @@ class DeviceBatches:
         self.seed = int(seed)
         self.padding = int(padding)
         self.rank, self.world_size = int(rank), int(world_size)
-        self.sampler = EpochSampler()  # Lightning calls sampler.set_epoch(epoch) before every epoch
+        # Lightning calls sampler.set_epoch(epoch) before every epoch; the order is the sampler's
+        self.sampler = EpochShuffleSampler(len(self.images), self.seed)
         self.batch_sampler = None  # what Lightning reads next to `sampler` (a DataLoader's attributes)
         self.position = None  # for a mid-epoch resume (distill.data.resumable): set by for_trainer
         self._skip = 0
@@ -197,8 +189,7 @@ class DeviceBatches:
     def epoch_draws(self, epoch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(permutation, dy, dx, flip)`` of the whole data set for ``epoch`` (CPU tensors)."""
         n = len(self.images)
-        gen = torch.Generator().manual_seed((self.seed * SEED_STRIDE + epoch) % 2**63)
-        perm = torch.randperm(n, generator=gen)
+        perm, gen = self.sampler.order(epoch)
         offsets = torch.randint(0, 2 * self.padding + 1, (2, n), generator=gen)
         flip = torch.randint(0, 2, (n,), generator=gen).bool()
         return perm, offsets[0], offsets[1], flip
@@ -263,5 +254,5 @@ def hwc_to_chw(array) -> Tensor:
     return torch.as_tensor(array).permute(0, 3, 1, 2).contiguous()
 
 
-__all__ = ["DeviceBatches", "EpochSampler", "UInt8Images", "crop_flip", "hwc_to_chw", "images_to_uint8",
+__all__ = ["DeviceBatches", "UInt8Images", "crop_flip", "hwc_to_chw", "images_to_uint8",
            "normalize_uint8"]

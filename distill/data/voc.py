@@ -270,17 +270,9 @@ class VOC2007DataModule(BaseDataModule):
                         else VOCMultiLabel([trainval[i] for i in val_idx], eval_tf, with_boxes=True))
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.loader_workers(),
-            persistent_workers=self.loader_workers() > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=voc_collate,
-        )
-
+        """The base loaders (training: seeded from ``(seed, epoch)`` and resumable mid-epoch) with
+        :func:`voc_collate`."""
+        return super()._loader(dataset, batch_size, train, collate_fn=voc_collate)
 
 __all__ = [
     "IMAGENET_MEAN",

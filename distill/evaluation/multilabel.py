@@ -15,7 +15,7 @@ explanation image ``E^c`` (built as for single-label data, see
 
 Scores are ``(value, weight)`` pairs of flat tensors for :class:`ScoreAccumulator` (weight 0 =
 padding), so nothing synchronises with the host per batch. mAP is accumulated separately
-(:class:`distill.evaluation.voc.MultilabelMeanAP`).
+(:class:`distill.metrics.MultilabelMeanAP`).
 """
 
 from __future__ import annotations

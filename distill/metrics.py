@@ -1,4 +1,4 @@
-"""Mean average precision for multi-label classification (PASCAL VOC 2007).
+"""Training and evaluation metrics: mean average precision for multi-label classification (PASCAL VOC 2007).
 
 Targets ``(N, C)`` hold ``1`` (positive), ``0`` (negative) or ``-1`` (ignored: the class
 appears in the image only as "difficult" objects). Ignored entries are neither true nor false
@@ -66,21 +66,6 @@ def average_precision_11point(scores: Tensor, target: Tensor) -> Tensor:
     return torch.where(positives > 0, ap, torch.full_like(ap, float("nan")))
 
 
-def average_precision_area(scores: Tensor, target: Tensor) -> Tensor:
-    """Non-interpolated AP per class, ``sum_k (R_k - R_{k-1}) P_k`` over distinct scores;
-    ``(N, C)`` -> ``(C,)``, NaN for a class without positives. (For tests and offline use; the
-    training metric is torchmetrics'.)"""
-    if scores.dim() == 1:
-        return average_precision_area(scores[:, None], target[:, None])[0]
-    precision, recall, point, positives = _ranked_curves(scores, target)
-    # Recall of the previous point: the running max of recall over earlier points.
-    prev = torch.where(point, recall, torch.zeros_like(recall)).cummax(dim=0).values
-    prev = torch.cat([torch.zeros_like(prev[:1]), prev[:-1]], dim=0)
-    gain = torch.where(point, recall - prev, torch.zeros_like(recall))
-    ap = (gain * precision).sum(dim=0)
-    return torch.where(positives > 0, ap, torch.full_like(ap, float("nan")))
-
-
 def mean_over_defined(ap: Tensor) -> Tensor:
     """Mean of the per-class APs that are defined (not NaN); NaN if none is."""
     defined = ~torch.isnan(ap)
@@ -128,6 +113,5 @@ __all__ = [
     "INTERPOLATIONS",
     "MultilabelMeanAP",
     "average_precision_11point",
-    "average_precision_area",
     "mean_over_defined",
 ]
