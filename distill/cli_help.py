@@ -30,12 +30,14 @@ COMMANDS = [
 
 GROUPS = {
     "data": "the data: root, batch_size, num_workers, train/val/test_subset, val_split",
+    "task": "how labels are trained and scored (picked by the data): multiclass, multilabel",
     "teacher": "the frozen teacher network; checkpoint (null: trained first if missing)",
     "student": "the student network",
     "explain": "the explanation loss: weight, loss, target, eval_method",
     "kd": "soft-target / attention distillation: kd_weight, temperature, at_weight",
     "optim": "optimizer and lr schedule",
     "trainer": "Lightning Trainer arguments (devices, precision, max_epochs, limit_*_batches)",
+    "callbacks": "Lightning callbacks, one per file: checkpoints, explanation panel, localisation",
     "logger": "experiment tracking (metrics.json is always written)",
     "experiment": "whole-setup presets",
     "paths": "where logs, data and checkpoints go",

@@ -75,4 +75,5 @@ def test_layers_import_downwards_only():
                                                                         "distill.module", "distill.callbacks"))}
     assert not {d for d in imports("distill.evaluation") if d in ("distill.run", "distill.callbacks",
                                                                    "distill.callbacks_localization")}
-    assert "distill.evaluation.voc" not in imports("distill.tasks")  # a training metric is not evaluation code
+    # a training metric (the VOC mAP) is not evaluation code
+    assert not {d for d in imports("distill.tasks") if d.startswith("distill.evaluation")}
