@@ -61,6 +61,20 @@ def quiet_libraries() -> None:
             logger.addFilter(_FILTER)
 
 
+def quiet_lightning() -> None:
+    """One line per message: under Hydra, Lightning's own console handlers duplicate Hydra's."""
+    if logging.getLogger().handlers:
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logger = logging.getLogger(name)
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            logger.propagate = True
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage())
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the frozen teacher
+    quiet_libraries()
+
+
 def quiet_choices(datamodule: Any, accelerator: str | None) -> None:
     """Lightning's advice against a setting the config made on purpose is noise: more workers
     for an explicit ``data.num_workers=0`` (or in-memory data such as ``data=synthetic``; the

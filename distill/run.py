@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -102,23 +101,9 @@ def prepare_data(cfg: DictConfig) -> pl.LightningDataModule:
     return datamodule
 
 
-def quiet_lightning() -> None:
-    """One line per message: under Hydra, Lightning's own console handlers duplicate Hydra's."""
-    if logging.getLogger().handlers:
-        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-            logger = logging.getLogger(name)
-            for handler in list(logger.handlers):
-                logger.removeHandler(handler)
-            logger.propagate = True
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: "litlogger" not in record.getMessage())
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the frozen teacher
-    console.quiet_libraries()
-
-
 def run(cfg: DictConfig) -> dict:
     """Run the configured stage; write ``metrics.json`` in the output directory and return it."""
-    quiet_lightning()
+    console.quiet_lightning()
     check_config(cfg, "train")
     if cfg.get("resume"):
         cfg, finished = resume_config(cfg, hydra_overrides())
