@@ -5,10 +5,13 @@
     python train.py experiment=smoke
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from distill.cli_help import register
+from distill.config_schema import exit_on_renamed_overrides
 
 register()  # --help (configs/hydra/default.yaml)
 
@@ -21,4 +24,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    exit_on_renamed_overrides(sys.argv[1:])  # explain.weight=... -> "use loss.explain=..."
     main()

@@ -32,7 +32,7 @@ from distill.errors import ConfigError, os_cause
 
 # Names other modules define (kept in sync by tests/test_config_schema.py, so the schema never imports torch).
 EXPLAIN_METHODS = ("cam", "gradcam", "gradcampp", "hirescam", "xgradcam", "layercam")  # distill.explain.maps.METHODS
-INTERPRET_LOSSES = ("paper", "normalized", "cosine")  # distill.losses.interpret.INTERPRET_LOSSES
+DISTANCES = ("squared_l2", "normalized_squared_l2", "cosine")  # distill.losses.explain.DISTANCES
 STAGES = ("teacher", "baseline", "distill")  # distill.run.STAGES
 
 PosInt = Annotated[int, Field(ge=1)]
@@ -155,29 +155,76 @@ class Model(Open):
 class Explain(Strict):
     name: str
     method: Method | None = None
-    weight: NonNegFloat = 0.0
-    loss: Literal[INTERPRET_LOSSES] = "paper"
+    distance: Literal[DISTANCES] = "squared_l2"
     target: Literal["label", "teacher_pred"] = "label"
     eval_method: Method = "gradcampp"
     closed_form: bool = True
 
-    @model_validator(mode="after")
-    def _weight_needs_method(self):
-        if self.weight > 0 and self.method is None:
-            raise ValueError("explain.weight > 0 needs an explain.method: pick explain=gradcam|gradcampp "
-                             "or set explain.weight=0")
-        return self
-
 
 class KD(Strict):
     name: str
-    ce_weight: NonNegFloat = 1.0
-    kd_weight: NonNegFloat = 0.0
+
+
+class Loss(Strict):
+    """The loss table: every weight of the student's loss (distill.module.LossWeights)."""
+
+    ce: NonNegFloat = 1.0
+    kd: NonNegFloat = 0.0
     temperature: PosFloat = 4.0
-    at_weight: NonNegFloat = 0.0
-    dkd_alpha: NonNegFloat = 0.0  # DKD (Zhao et al., 2022): weight of TCKD
-    dkd_beta: NonNegFloat = 0.0  # weight of NCKD
-    dkd_warmup: NonNegInt = 0  # epochs of linear warm-up of the DKD term
+    at: NonNegFloat = 0.0
+    explain: NonNegFloat = 0.0
+    dkd_alpha: NonNegFloat = 0.0  # DKD (Zhao et al., 2022): weight of TCKD inside its term
+    dkd_beta: NonNegFloat = 0.0  # weight of NCKD inside its term
+    dkd_warmup: NonNegInt = 0  # epochs of DKD's linear warm-up of its term
+
+
+# Keys that moved: old key -> (new key, why, the new value for an old one)
+RENAMED: dict[str, tuple[str, str, Any]] = {
+    **{f"kd.{old}": (f"loss.{new}", "one table for every loss weight", lambda v: v)
+       for old, new in (("ce_weight", "ce"), ("kd_weight", "kd"), ("temperature", "temperature"),
+                        ("dkd_alpha", "dkd_alpha"), ("dkd_beta", "dkd_beta"), ("dkd_warmup", "dkd_warmup"))},
+    "kd.at_weight": ("loss.at", "one table for every loss weight, no hidden factor: loss.at is the AT paper's "
+                     "beta/2", lambda v: v / 2 if isinstance(v, int | float) else v),
+    "explain.weight": ("loss.explain", "one table for every loss weight", lambda v: v),
+    "explain.loss": ("explain.distance", "paper is now squared_l2, normalized normalized_squared_l2",
+                     lambda v: {"paper": "squared_l2", "normalized": "normalized_squared_l2"}.get(v, v)),
+}
+
+
+def renamed_key_problem(key: str, value: Any = None) -> str | None:
+    """One line for a key that moved (``explain.weight`` -> ``loss.explain``), else ``None``.
+    ``key`` may carry Hydra's ``+`` / ``++`` / ``~`` prefix."""
+    key = key.lstrip("+~")
+    if key not in RENAMED:
+        return None
+    new, why, convert = RENAMED[key]
+    example = convert(value) if value is not None else "..."
+    return f"{key} is now {new} ({why}): use {new}={example}"
+
+
+def exit_on_renamed_overrides(overrides: list[str]) -> None:
+    """Before Hydra composes: a command-line override of a key that moved is one line on stderr and
+    exit status 2 (Hydra's own message would only say the key is not in the config)."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        for number in (int, float):
+            try:
+                value = number(value) if value else None
+                break
+            except ValueError:
+                pass
+        problem = renamed_key_problem(key, value)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
+
+
+def _renamed_in(raw: dict) -> str | None:
+    for key in RENAMED:
+        group, _, name = key.partition(".")
+        if isinstance(raw.get(group), dict) and name in raw[group]:
+            return renamed_key_problem(key, raw[group][name])
+    return None
 
 
 # ------------------------------------------------------------------------------------------- optim
@@ -301,8 +348,16 @@ class Train(Common):
     student: Model
     explain: Explain
     kd: KD
+    loss: Loss
     optim: Optim
     trainer: Trainer
+
+    @model_validator(mode="after")
+    def _explain_weight_needs_method(self):
+        if self.loss.explain > 0 and self.explain.method is None:
+            raise ValueError(f"loss.explain={self.loss.explain} needs an explain.method: pick "
+                             f"explain=<{'|'.join(EXPLAIN_METHODS)}> or set loss.explain=0")
+        return self
 
 
 class EvalData(Open):
@@ -357,7 +412,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {"train": Train, "evaluate": Evaluate, "vi
 
 # ------------------------------------------------------------------------------------------- messages
 def _describe(annotation: Any, metadata: list = ()) -> str:
-    """What a field allows, in words: ``a number > 0``, ``one of 'paper', 'cosine'``, ..."""
+    """What a field allows, in words: ``a number > 0``, ``one of 'label', 'teacher_pred'``, ..."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Annotated:
         extra = [m for a in args[1:] for m in (getattr(a, "metadata", None) or [a])]
@@ -428,7 +483,8 @@ def _message(err: ValidationError, model: type[BaseModel], raw: dict, prefix: st
         key = ".".join(str(part) for part in ([prefix] if prefix else []) + list(first["loc"]))
         return f"config key {key} is required but not set: add {key}=...{more}"
     if first["type"] == "value_error":
-        return f"{key}: {first['msg'].removeprefix('Value error, ')}{more}"
+        message = first["msg"].removeprefix("Value error, ")
+        return f"{key}: {message}{more}" if parts else f"{message}{more}"
     allowed = f"; allowed: {_describe(field.annotation, field.metadata)}" if field is not None else ""
     return f"config key {key}={value!r} is not allowed ({first['msg']}){allowed}{more}"
 
@@ -463,6 +519,9 @@ def config_errors(cfg: DictConfig, name: str = "train") -> str | None:
     if raw.get("logger") == {}:  # logger=none: an empty group
         raw["logger"] = None
     schema = SCHEMAS[name]
+    renamed = _renamed_in(raw) if name == "train" else None
+    if renamed:
+        return renamed
     try:
         schema.model_validate(raw)
     except ValidationError as err:

@@ -328,7 +328,7 @@ def resolve_teacher(cfg: DictConfig, datamodule: pl.LightningDataModule) -> tupl
 
 def check_contract(cfg: DictConfig, role: str, model: torch.nn.Module) -> torch.nn.Module:
     """``model`` follows the model contract and its head is measured; else one line, before any training."""
-    require_network(model, role, model_label(cfg[role]), stages=cfg.kd.at_weight > 0)
+    require_network(model, role, model_label(cfg[role]), stages=cfg.loss.at > 0)
     inspect_network(model, example_images(cfg))
     return model
 
@@ -342,10 +342,8 @@ def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
     for role, model in (("teacher", teacher), ("student", student)):  # the backbone only; the head
         if cfg[role].get("compile"):  # stays eager, so the maps' double backward never enters compiled code
             model.forward_features = torch.compile(model.forward_features)
-    weights = LossWeights(ce=cfg.kd.ce_weight, kd=cfg.kd.kd_weight, temperature=cfg.kd.temperature,
-                          at=cfg.kd.at_weight, explain=cfg.explain.weight, dkd_alpha=cfg.kd.get("dkd_alpha", 0.0),
-                          dkd_beta=cfg.kd.get("dkd_beta", 0.0), dkd_warmup=cfg.kd.get("dkd_warmup", 0))
-    settings = ExplainSettings(method=cfg.explain.method, loss=cfg.explain.loss, target=cfg.explain.target,
+    weights = LossWeights(**OmegaConf.to_container(cfg.loss, resolve=True))
+    settings = ExplainSettings(method=cfg.explain.method, distance=cfg.explain.distance, target=cfg.explain.target,
                                eval_method=cfg.explain.eval_method, closed_form=cfg.explain.closed_form)
     hparams = model_hparams(cfg, "student", "distill", datamodule)
     hparams["teacher_checkpoint"] = str(teacher_path) if teacher_path else None
@@ -408,7 +406,7 @@ def run(cfg: DictConfig) -> dict:
     else:
         result = distill(cfg, datamodule)
     result["config"] = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-                        for k in ("stage", "seed", "teacher", "student", "explain", "kd")}
+                        for k in ("stage", "seed", "teacher", "student", "explain", "kd", "loss")}
     result["test_images"] = console.test_images_record(result["metrics"], datamodule)
     if rank_zero_only.rank == 0:  # one writer under DDP
         write_json(run_dir / "metrics.json", result)
