@@ -372,7 +372,7 @@ def test_student_maps_in_training_are_computed_with_dropout_off():
     model.eval()
     reference = module.maps(model, model.forward_head(features), features, target, "gradcampp", False)
     assert torch.allclose(maps_a, reference, atol=1e-6)  # the maps of the evaluated network
-    assert maps_a.requires_grad  # still differentiable for the interpretability loss
+    assert maps_a.requires_grad  # still differentiable for the explanation loss
     model.train()
     # control: maps taken from the dropped-out logits are random (the test can fail)
     from distill.explain import explanation_maps
@@ -406,7 +406,7 @@ def test_batched_multilabel_maps_match_one_pair_at_a_time():
             assert torch.allclose(maps[b, t], expected, atol=1e-6, rtol=1e-4), (b, t)
 
 
-def test_interpretability_loss_trains_the_student_through_the_vgg_head():
+def test_explain_loss_trains_the_student_through_the_vgg_head():
     torch.manual_seed(0)
     student = vgg11_student(20, **TINY)
     module = _distiller(student)
@@ -418,8 +418,8 @@ def test_interpretability_loss_trains_the_student_through_the_vgg_head():
     y[2, 3] = -1  # difficult only: not explained
     y[3, [0, 6, 9]] = 1
     terms, _ = module.loss_terms(x, y)
-    assert math.isfinite(terms["interpret"].item()) and terms["interpret"] > 0
-    grads = torch.autograd.grad(terms["interpret"], [student.features[0].weight, student.classifier[0].weight])
+    assert math.isfinite(terms["explain"].item()) and terms["explain"] > 0
+    grads = torch.autograd.grad(terms["explain"], [student.features[0].weight, student.classifier[0].weight])
     assert all(g.abs().sum() > 0 for g in grads)  # second order through the head, down to the convs
     assert all(p.grad is None for p in module.teacher.parameters())
 
@@ -634,7 +634,8 @@ def test_voc_pipeline_through_train_py(voc_root, tmp_path):
     metrics = result["metrics"]
     assert result["stage"] == "distill"
     for key in ("test/map", "test/teacher_map", "val/map", "test/agreement", "test/map_cosine", "train/ce",
-                "train/kd", "train/interpret", "test/loc00_student", "test/loc50_student", "test/loc00_teacher",
+                "train/kd", "train/explain", "test/explain", "test/loss", "test/loc00_student", "test/loc50_student",
+                "test/loc00_teacher",
                 "test/loc50_teacher", "val/loc50_student"):
         assert math.isfinite(metrics[key]), key
     assert 0 <= metrics["test/map"] <= 1 and 0 <= metrics["test/loc50_teacher"] <= 1
