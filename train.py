@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from distill.cli_help import register
-from distill.config_schema import exit_on_renamed_overrides
+from distill.config_schema import renamed_override_problem
 
 register()  # --help (configs/hydra/default.yaml)
 
@@ -24,5 +24,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    exit_on_renamed_overrides(sys.argv[1:])  # explain.weight=... -> "use loss.explain=..."
+    renamed = renamed_override_problem(sys.argv[1:])  # explain.weight=... -> "use loss.explain=..."
+    if renamed:
+        print(f"error: {renamed}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -202,9 +202,9 @@ def renamed_key_problem(key: str, value: Any = None) -> str | None:
     return f"{key} is now {new} ({why}): use {new}={example}"
 
 
-def exit_on_renamed_overrides(overrides: list[str]) -> None:
-    """Before Hydra composes: a command-line override of a key that moved is one line on stderr and
-    exit status 2 (Hydra's own message would only say the key is not in the config)."""
+def renamed_override_problem(overrides: list[str]) -> str | None:
+    """One line for the first command-line override of a key that moved, else ``None``; checked
+    before Hydra composes (Hydra's own message would only say the key is not in the config)."""
     for item in overrides:
         key, _, value = item.partition("=")
         for number in (int, float):
@@ -215,8 +215,8 @@ def exit_on_renamed_overrides(overrides: list[str]) -> None:
                 pass
         problem = renamed_key_problem(key, value)
         if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            sys.exit(2)
+            return problem
+    return None
 
 
 def _renamed_in(raw: dict) -> str | None:

@@ -413,6 +413,16 @@ def test_a_renamed_key_names_its_new_place(override, line, tmp_path):
         check_config(cfg)
 
 
+def test_a_renamed_key_on_the_command_line_is_caught_before_hydra():
+    from distill.config_schema import renamed_override_problem
+
+    assert renamed_override_problem(["kd=hinton", "loss.kd=0.5", "explain=gradcampp"]) is None
+    assert renamed_override_problem(["kd=hinton", "kd.dkd_warmup=20"]) == (
+        "kd.dkd_warmup is now loss.dkd_warmup (one table for every loss weight): use loss.dkd_warmup=20")
+    assert renamed_override_problem(["++kd.at_weight=1000"]).endswith("use loss.at=500.0")
+    assert renamed_override_problem(["kd.kd_weight=0.5,1"]).endswith("use loss.kd=0.5,1")  # a sweep
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "needle"),
