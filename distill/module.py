@@ -124,8 +124,10 @@ class ClassifierModule(pl.LightningModule):
         self.eval_metrics = nn.ModuleDict({stage: self._eval_metrics() for stage in ("val", "test")})
 
     def _eval_metrics(self) -> MetricCollection:
+        # no compute groups: loss and ce (equal when CE is the only term) must never be merged on a
+        # first batch where they happen to agree
         return MetricCollection({self.task.score_name: self.task.score_metric(), "loss": MeanMetric(),
-                                 "ce": MeanMetric()})
+                                 "ce": MeanMetric()}, compute_groups=False)
 
     def finite_or_skip(self, terms: dict[str, Tensor], loss: Tensor) -> bool:
         """True if ``loss`` is finite. Otherwise stop with the term(s) and step at fault, or,
