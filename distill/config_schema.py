@@ -355,8 +355,8 @@ class Train(Common):
     @model_validator(mode="after")
     def _explain_weight_needs_method(self):
         if self.loss.explain > 0 and self.explain.method is None:
-            raise ValueError(f"loss.explain={self.loss.explain} needs an explain.method: pick "
-                             f"explain=<{'|'.join(EXPLAIN_METHODS)}> or set loss.explain=0")
+            raise ValueError(f"loss.explain={self.loss.explain} needs an explain.method: set explain.method to one of "
+                             f"{', '.join(EXPLAIN_METHODS)} (e.g. explain=gradcampp), or loss.explain=0")
         return self
 
 

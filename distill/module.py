@@ -251,8 +251,8 @@ class DistillModule(ClassifierModule):
         self.weights = weights
         self.explain = explain
         if weights.explain > 0 and explain.method is None:
-            raise ConfigError(f"loss.explain > 0 but explain.method is null: pick explain=<{'|'.join(METHODS)}> "
-                              "or set loss.explain=0")
+            raise ConfigError(f"loss.explain > 0 but explain.method is null: set explain.method to one of "
+                              f"{', '.join(METHODS)} (e.g. explain=gradcampp), or loss.explain=0")
         for metrics in self.eval_metrics.values():  # <stage>/<term> of every active term (ce is there)
             metrics.add_metrics({name: MeanMetric() for name in weights.active() if name != "ce"})
 

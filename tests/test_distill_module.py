@@ -131,7 +131,8 @@ def test_bad_settings_are_refused():
         LossWeights(kd=-1.0)
     with pytest.raises(ConfigError, match="temperature"):
         LossWeights(temperature=0.0)
-    with pytest.raises(ConfigError, match=r"explain.method is null: pick explain=<cam\|gradcam\|gradcampp\|hirescam"):
+    with pytest.raises(ConfigError, match="explain.method is null: set explain.method to one of cam, gradcam, "
+                                          "gradcampp, hirescam, xgradcam, layercam"):
         make_module(LossWeights(explain=0.01), method=None)
     teacher, student = build_model("wrn16_1", 10), build_model("wrn16_1", 5)
     with pytest.raises(ConfigError, match="10 classes but the student has 5"):
