@@ -5,10 +5,14 @@
     python train.py experiment=smoke
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from distill.cli_help import register
+from distill.config_schema import check_overrides
+from distill.errors import exit_on_user_error
 
 register()  # --help (configs/hydra/default.yaml)
 
@@ -21,4 +25,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    with exit_on_user_error():  # explain.weight=... -> "use loss.explain=..." (Hydra would only say "not in struct")
+        check_overrides(sys.argv[1:])
     main()

@@ -67,7 +67,7 @@ def example_images(cfg: DictConfig) -> torch.Tensor:
 
 def check_contract(cfg: DictConfig, role: str, model: torch.nn.Module) -> torch.nn.Module:
     """``model`` follows the model contract and its head is measured; else one line, before any training."""
-    require_network(model, role, model_label(cfg[role]), stages=cfg.kd.at_weight > 0)
+    require_network(model, role, model_label(cfg[role]), stages=cfg.loss.at > 0)
     inspect_network(model, example_images(cfg))
     return model
 

@@ -33,8 +33,8 @@ GROUPS = {
     "task": "how labels are trained and scored (picked by the data): multiclass, multilabel",
     "teacher": "the frozen teacher network; checkpoint (null: trained first if missing)",
     "student": "the student network",
-    "explain": "the explanation loss: weight, loss, target, eval_method",
-    "kd": "soft-target / attention distillation: kd_weight, temperature, at_weight",
+    "explain": "the explanation loss: method, distance, target (its weight: loss.explain)",
+    "kd": "soft-target / attention distillation; its weights in the loss table: loss.kd, loss.temperature, loss.at",
     "optim": "optimizer and lr schedule",
     "trainer": "Lightning Trainer arguments (devices, precision, max_epochs, limit_*_batches)",
     "callbacks": "Lightning callbacks, one per file: checkpoints, explanation panel, localisation",
@@ -101,6 +101,8 @@ def help_text(app: str = "train") -> str:
              "Main commands:"]
     lines += [f"  {what:<{width}}  {command}" for what, command in COMMANDS]
     lines += ["", "Config groups (group=option; * = default; configs/<group>/<option>.yaml):", *group_lines(), "",
+              "The loss table (every weight of the student's loss, a plain weighted sum): loss.ce loss.kd",
+              "  loss.temperature loss.at loss.explain loss.dkd_alpha loss.dkd_beta loss.dkd_warmup, e.g. loss.kd=0.5",
               "Any config key: key=value, e.g. data.batch_size=64 trainer.max_epochs=10 data.test_subset=1000",
               "  (a key the config lacks: +key=value; a whole sweep: -m explain=none,gradcampp)",
               "See the resolved config without running: python train.py [overrides] --cfg job",

@@ -31,18 +31,9 @@ from distill.errors import ConfigError, exit_on_user_error, os_cause
 
 # Names other modules define (kept in sync by tests/test_config_schema.py, so the schema never imports torch).
 EXPLAIN_METHODS = ("cam", "gradcam", "gradcampp", "hirescam", "xgradcam", "layercam")  # distill.explain.maps.METHODS
-INTERPRET_LOSSES = ("paper", "normalized", "cosine")  # distill.losses.interpret.INTERPRET_LOSSES
+DISTANCES = ("squared_l2", "normalized_squared_l2", "cosine")  # distill.losses.explain.DISTANCES
 STAGES = ("teacher", "baseline", "distill")  # distill.run.STAGES
 TASKS = ("multiclass", "multilabel", "multilabel_voc11")  # distill.tasks.TASKS
-# Keys that moved: the old key (as a prefix) -> where it lives now.
-RENAMED = {
-    "explanation_panel": "callbacks.explanation_panel",
-    "data.ap": "task (task=multilabel_voc11 for the 11-point mAP)",
-    "data.loc_deltas": "callbacks.localization.deltas",
-    "data.loc_on_val": "callbacks.localization.on_val",
-    "data.loc_method": "eval_method (one map method for every evaluation)",
-    "data.max_map_targets": "task.max_map_targets",
-}
 
 PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -159,29 +150,92 @@ class Model(Open):
 class Explain(Strict):
     name: str
     method: Method | None = None
-    weight: NonNegFloat = 0.0
-    loss: Literal[INTERPRET_LOSSES] = "paper"
+    distance: Literal[DISTANCES] = "squared_l2"
     target: Literal["label", "teacher_pred"] = "label"
-    eval_method: Method = "gradcampp"
     closed_form: bool = True
-
-    @model_validator(mode="after")
-    def _weight_needs_method(self):
-        if self.weight > 0 and self.method is None:
-            raise ValueError("explain.weight > 0 needs an explain.method: pick explain=gradcam|gradcampp "
-                             "or set explain.weight=0")
-        return self
 
 
 class KD(Strict):
     name: str
-    ce_weight: NonNegFloat = 1.0
-    kd_weight: NonNegFloat = 0.0
+
+
+class Loss(Strict):
+    """The loss table: every weight of the student's loss (distill.module.LossWeights)."""
+
+    ce: NonNegFloat = 1.0
+    kd: NonNegFloat = 0.0
     temperature: PosFloat = 4.0
-    at_weight: NonNegFloat = 0.0
-    dkd_alpha: NonNegFloat = 0.0  # DKD (Zhao et al., 2022): weight of TCKD
-    dkd_beta: NonNegFloat = 0.0  # weight of NCKD
-    dkd_warmup: NonNegInt = 0  # epochs of linear warm-up of the DKD term
+    at: NonNegFloat = 0.0
+    explain: NonNegFloat = 0.0
+    dkd_alpha: NonNegFloat = 0.0  # DKD (Zhao et al., 2022): weight of TCKD inside its term
+    dkd_beta: NonNegFloat = 0.0  # weight of NCKD inside its term
+    dkd_warmup: NonNegInt = 0  # epochs of DKD's linear warm-up of its term
+
+
+# Keys that moved: old key -> (new key, why, the new value for an old one)
+RENAMED: dict[str, tuple[str, str, Any]] = {
+    **{f"kd.{old}": (f"loss.{new}", "one table for every loss weight", lambda v: v)
+       for old, new in (("ce_weight", "ce"), ("kd_weight", "kd"), ("temperature", "temperature"),
+                        ("dkd_alpha", "dkd_alpha"), ("dkd_beta", "dkd_beta"), ("dkd_warmup", "dkd_warmup"))},
+    "kd.at_weight": ("loss.at", "one table for every loss weight, no hidden factor: loss.at is the AT paper's "
+                     "beta/2", lambda v: v / 2 if isinstance(v, int | float) else v),
+    "explain.weight": ("loss.explain", "one table for every loss weight", lambda v: v),
+    "explain.loss": ("explain.distance", "paper is now squared_l2, normalized normalized_squared_l2",
+                     lambda v: {"paper": "squared_l2", "normalized": "normalized_squared_l2"}.get(v, v)),
+    "explain.eval_method": ("eval_method", "one map method for every evaluation", lambda v: v),
+    "data.loc_method": ("eval_method", "one map method for every evaluation", lambda v: v),
+    "data.ap": ("task", "the task scores the labels; 11point is task=multilabel_voc11",
+                lambda v: {"11point": "multilabel_voc11", "area": "multilabel"}.get(v, v)),
+    "data.max_map_targets": ("task.max_map_targets", "an option of the multi-label task", lambda v: v),
+    "data.loc_deltas": ("callbacks.localization.deltas", "the localisation callback's setting", lambda v: v),
+    "data.loc_on_val": ("callbacks.localization.on_val", "the localisation callback's setting", lambda v: v),
+    **{f"explanation_panel.{key}": (f"callbacks.explanation_panel.{key}", "callbacks are a config group",
+                                    lambda v: v)
+       for key in ("every_n_epochs", "num_images", "method", "target", "cell_px")},
+}
+
+
+def renamed_key_problem(key: str, value: Any = None) -> str | None:
+    """One line for a key that moved (``explain.weight`` -> ``loss.explain``), else ``None``.
+    ``key`` may carry Hydra's ``+`` / ``++`` / ``~`` prefix."""
+    key = key.lstrip("+~")
+    if key not in RENAMED:
+        return None
+    new, why, convert = RENAMED[key]
+    example = convert(value) if value is not None else "..."
+    return f"{key} is now {new} ({why}): use {new}={example}"
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Raise ``ConfigError`` (one line) for a command-line override of a key that moved."""
+    problem = renamed_override_problem(overrides)
+    if problem:
+        raise ConfigError(problem)
+
+
+def renamed_override_problem(overrides: list[str]) -> str | None:
+    """One line for the first command-line override of a key that moved, else ``None``; checked
+    before Hydra composes (Hydra's own message would only say the key is not in the config)."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        for number in (int, float):
+            try:
+                value = number(value) if value else None
+                break
+            except ValueError:
+                pass
+        problem = renamed_key_problem(key, value)
+        if problem:
+            return problem
+    return None
+
+
+def _renamed_in(raw: dict) -> str | None:
+    for key in RENAMED:
+        group, _, name = key.partition(".")
+        if isinstance(raw.get(group), dict) and name in raw[group]:
+            return renamed_key_problem(key, raw[group][name])
+    return None
 
 
 # ------------------------------------------------------------------------------------------- optim
@@ -334,8 +388,16 @@ class Train(Common):
     student: Model
     explain: Explain
     kd: KD
+    loss: Loss
     optim: Optim
     trainer: Trainer
+
+    @model_validator(mode="after")
+    def _explain_weight_needs_method(self):
+        if self.loss.explain > 0 and self.explain.method is None:
+            raise ValueError(f"loss.explain={self.loss.explain} needs an explain.method: set explain.method to one of "
+                             f"{', '.join(EXPLAIN_METHODS)} (e.g. explain=gradcampp), or loss.explain=0")
+        return self
 
 
 class EvalData(Open):
@@ -375,7 +437,6 @@ class Evaluate(Scripts):
     seed: int = 0
     similarity_target: Literal["label", "student_pred", "teacher_pred"] = "label"
     explain_teacher: bool = True
-    eval_method: Method = "gradcampp"
     localization: EvalLocalization = EvalLocalization()
     progress_bar: bool = True
     pointing_game: PointingGame = PointingGame()
@@ -396,7 +457,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {"train": Train, "evaluate": Evaluate, "vi
 
 # ------------------------------------------------------------------------------------------- messages
 def _describe(annotation: Any, metadata: list = ()) -> str:
-    """What a field allows, in words: ``a number > 0``, ``one of 'paper', 'cosine'``, ..."""
+    """What a field allows, in words: ``a number > 0``, ``one of 'label', 'teacher_pred'``, ..."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Annotated:
         extra = [m for a in args[1:] for m in (getattr(a, "metadata", None) or [a])]
@@ -467,7 +528,8 @@ def _message(err: ValidationError, model: type[BaseModel], raw: dict, prefix: st
         key = ".".join(str(part) for part in ([prefix] if prefix else []) + list(first["loc"]))
         return f"config key {key} is required but not set: add {key}=...{more}"
     if first["type"] == "value_error":
-        return f"{key}: {first['msg'].removeprefix('Value error, ')}{more}"
+        message = first["msg"].removeprefix("Value error, ")
+        return f"{key}: {message}{more}" if parts else f"{message}{more}"
     allowed = f"; allowed: {_describe(field.annotation, field.metadata)}" if field is not None else ""
     return f"config key {key}={value!r} is not allowed ({first['msg']}){allowed}{more}"
 
@@ -494,27 +556,10 @@ def _missing(value: Any, key: str) -> list[str]:
     return []
 
 
-def _moved(value: Any, key: str = "") -> str | None:
-    """A key of ``value`` that moved (:data:`RENAMED`), as one line, or ``None``."""
-    if not isinstance(value, dict):
-        return None
-    for k, v in value.items():
-        path = f"{key}.{k}" if key else str(k)
-        if path in RENAMED:
-            return f"config key {path} moved: it is now {RENAMED[path]}"
-        problem = _moved(v, path) if path in ("data",) else None
-        if problem:
-            return problem
-    return None
-
-
 def config_errors(cfg: DictConfig, name: str = "train") -> str | None:
     """The first mistake in ``cfg`` (a composed config of ``name``: train / evaluate / visualize)
     as one line, or ``None``."""
     unresolved = {str(k): v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"}
-    moved = _moved(unresolved) if name == "train" else None
-    if moved:
-        return moved
     missing = _missing(unresolved, "")
     if missing:
         key = missing[0]
@@ -523,6 +568,9 @@ def config_errors(cfg: DictConfig, name: str = "train") -> str | None:
     if raw.get("logger") == {}:  # logger=none: an empty group
         raw["logger"] = None
     schema = SCHEMAS[name]
+    renamed = _renamed_in(raw) if name == "train" else None
+    if renamed:
+        return renamed
     try:
         schema.model_validate(raw)
     except ValidationError as err:

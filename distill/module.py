@@ -23,7 +23,7 @@ from distill.checkpoints import load_network
 from distill.errors import ConfigError, DistillError
 from distill.explain import EVAL_METHOD, METHODS, explain_network, network_spec
 from distill.explain.maps import check_map_precision
-from distill.losses import INTERPRET_LOSSES, attention_transfer, decoupled_kd, dkd_warmup, interpret_loss, map_cosine
+from distill.losses import DISTANCES, attention_transfer, decoupled_kd, dkd_warmup, explain_loss, map_cosine
 from distill.models import BUILD_ATTRIBUTE, build_model, build_spec
 from distill.models.contract import known_spec, require_network
 from distill.optim import SchedulerFactory, build_scheduler
@@ -69,44 +69,60 @@ class NonFiniteLossError(DistillError):
     """A loss term became NaN or infinite."""
 
 
+# The terms of the student's loss, in logging order (train/<name>, val/<name>, test/<name>). The loss
+# is the plain sum of LossWeights.weight(name) * term; each term's formula is in DistillModule.terms.
+TERMS = ("ce", "kd", "dkd", "at", "explain")
+
+
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the student's loss terms (docs/method.md §3)."""
+    """The loss table (config node ``loss``): every weight of the student's loss (docs/method.md §3)."""
 
     ce: float = 1.0
     kd: float = 0.0
-    temperature: float = 4.0
-    at: float = 0.0  # beta of attention transfer (AT paper: 1000); the loss is beta/2 * AT
+    temperature: float = 4.0  # of the KD and DKD terms
+    at: float = 0.0  # the AT paper's beta/2 (beta = 1000: at = 500)
     explain: float = 0.0
-    dkd_alpha: float = 0.0  # DKD: T^2 (alpha TCKD + beta NCKD), on when alpha or beta > 0
+    dkd_alpha: float = 0.0  # DKD's alpha and beta, inside its term T^2 (alpha TCKD + beta NCKD) (Eq. 7)
     dkd_beta: float = 0.0
-    dkd_warmup: int = 0  # epochs of linear warm-up of the DKD term (0: none)
+    dkd_warmup: int = 0  # epochs of DKD's linear warm-up of its term (0: none)
 
     def __post_init__(self) -> None:
         for name in ("ce", "kd", "at", "explain", "dkd_alpha", "dkd_beta", "dkd_warmup"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"loss weight '{name}' is {getattr(self, name)}; weights must be >= 0")
+                raise ConfigError(f"loss.{name} is {getattr(self, name)}; loss weights must be >= 0")
         if self.temperature <= 0:
-            raise ConfigError(f"KD temperature must be > 0, got {self.temperature} (kd.temperature=4)")
+            raise ConfigError(f"loss.temperature must be > 0, got {self.temperature} (e.g. loss.temperature=4)")
+
+    def weight(self, name: str, epoch: int = 1) -> float:
+        """The weight of term ``name`` in the sum at 1-based ``epoch``. DKD's is its linear warm-up
+        factor (part of the DKD method, mdistiller), as its alpha and beta are inside the term."""
+        if name == "dkd":
+            return dkd_warmup(epoch, self.dkd_warmup) if self.dkd_alpha + self.dkd_beta > 0 else 0.0
+        return getattr(self, name)
+
+    def active(self) -> tuple[str, ...]:
+        """The terms computed and logged: ``ce`` always (also at weight 0), the others when they weigh > 0."""
+        return tuple(name for name in TERMS if name == "ce" or self.weight(name) > 0)
 
 
 @dataclass(frozen=True)
 class ExplainSettings:
     """How explanations enter training and evaluation."""
 
-    method: str | None = None  # None: no interpretability loss
-    loss: str = "paper"  # paper | normalized | cosine
+    method: str | None = None  # None: no explanation loss
+    distance: str = "squared_l2"  # squared_l2 | normalized_squared_l2 | cosine
     target: str = "label"  # label | teacher_pred
-    eval_method: str = EVAL_METHOD  # maps compared at validation (val/map_cosine), whatever the training loss
+    eval_method: str = EVAL_METHOD  # maps compared at evaluation (val/map_cosine), whatever the training loss
     closed_form: bool = True  # use the no-autograd closed form where the head allows it
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in METHODS:
             raise ConfigError(f"explain.method '{self.method}' is unknown; choose one of {METHODS}")
         if self.eval_method not in METHODS:
-            raise ConfigError(f"explain.eval_method '{self.eval_method}' is unknown; choose one of {METHODS}")
-        if self.loss not in INTERPRET_LOSSES:
-            raise ConfigError(f"explain.loss '{self.loss}' is unknown; choose one of {INTERPRET_LOSSES}")
+            raise ConfigError(f"eval_method '{self.eval_method}' is unknown; choose one of {METHODS}")
+        if self.distance not in DISTANCES:
+            raise ConfigError(f"explain.distance '{self.distance}' is unknown; choose one of {DISTANCES}")
         if self.target not in ("label", "teacher_pred"):
             raise ConfigError(f"explain.target '{self.target}' is unknown; choose label or teacher_pred")
 
@@ -158,7 +174,10 @@ class ClassifierModule(pl.LightningModule):
         self.eval_metrics = nn.ModuleDict({stage: self._eval_metrics() for stage in ("val", "test")})
 
     def _eval_metrics(self) -> MetricCollection:
-        return MetricCollection({self.task.score_name: self.task.score_metric(), "loss": MeanMetric()})
+        # no compute groups: loss and ce (equal when CE is the only term) must never be merged on a
+        # first batch where they happen to agree
+        return MetricCollection({self.task.score_name: self.task.score_metric(), "loss": MeanMetric(),
+                                 "ce": MeanMetric()}, compute_groups=False)
 
     def networks(self) -> dict[str, nn.Module]:
         """The networks this module evaluates, by role (``teacher`` / ``student``): callbacks
@@ -219,6 +238,7 @@ class ClassifierModule(pl.LightningModule):
         loss = self.task.loss(logits, y)
         if not self.finite_or_skip({"ce": loss}, loss):
             return None
+        self.log("train/ce", loss)  # the whole loss here: the same keys as the distiller's
         self.log("train/loss", loss, prog_bar=True)
         self.log_train_score(logits, y)
         return loss
@@ -228,7 +248,9 @@ class ClassifierModule(pl.LightningModule):
         logits = self.model(x)
         metrics = self.eval_metrics[stage]
         metrics[self.task.score_name].update(logits, y)
-        metrics["loss"].update(self.task.loss(logits, y))
+        ce = self.task.loss(logits, y)
+        metrics["loss"].update(ce)
+        metrics["ce"].update(ce)
         self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, prog_bar=stage == "val")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -254,7 +276,8 @@ class ClassifierModule(pl.LightningModule):
 
 
 class DistillModule(ClassifierModule):
-    """Student trained with CE + Hinton KD + attention transfer + interpretability loss."""
+    """Student trained with the loss table's terms: CE, Hinton KD, DKD, attention transfer and the
+    explanation loss, their plain weighted sum (:class:`LossWeights`)."""
 
     def __init__(
         self,
@@ -290,10 +313,18 @@ class DistillModule(ClassifierModule):
         self.weights = weights
         self.explain = explain
         if weights.explain > 0 and explain.method is None:
-            raise ConfigError("explain.weight > 0 but explain.method is null: pick explain=gradcam|gradcampp")
+            raise ConfigError(f"loss.explain > 0 but explain.method is null: set explain.method to one of "
+                              f"{', '.join(METHODS)} (e.g. explain=gradcampp), or loss.explain=0")
+        for metrics in self.eval_metrics.values():  # <stage>/<term> of every active term (ce is there)
+            metrics.add_metrics({name: MeanMetric() for name in weights.active() if name != "ce"})
         self.hparams.pop("role")
         self.hparams["student"] = self.hparams.pop("model")
         self.hparams.update(teacher=build_spec(teacher), weights=asdict(weights), explain=asdict(explain))
+
+    @property
+    def loss_method(self) -> str | None:
+        """The map method of the explanation term, ``None`` when the term is off."""
+        return self.explain.method if self.weights.explain > 0 else None
 
     def _eval_metrics(self) -> MetricCollection:
         metrics = super()._eval_metrics()
@@ -302,7 +333,6 @@ class DistillModule(ClassifierModule):
                 f"teacher_{self.task.score_name}": self.task.score_metric(),
                 "agreement": MeanMetric(),
                 "map_cosine": MeanMetric(),
-                "interpret": MeanMetric(),
             }
         )
         return metrics
@@ -329,9 +359,9 @@ class DistillModule(ClassifierModule):
             checkpoint["state_dict"].update(teacher_state)
 
     def setup(self, stage: str) -> None:  # float16 only where no map needs an inner gradient
-        methods = {self.explain.eval_method, self.explain.method if self.weights.explain > 0 else None}
+        methods = (self.explain.eval_method, self.loss_method)
         check_map_precision(self.trainer.precision, any(
-            self._needs_head_grad(model, method) for model in (self.teacher, self.model) for method in methods))
+            self._needs_head_grad(model, methods) for model in (self.teacher, self.model)))
 
     # ------------------------------------------------------------------ forward passes
     def _features(self, model: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -339,20 +369,21 @@ class DistillModule(ClassifierModule):
             return model.forward_stages(x)
         return model.forward_features(x), []
 
-    def _needs_head_grad(self, model: nn.Module, method: str | None, features: Tensor | None = None) -> bool:
-        """True if ``method``'s maps need ``dS/dA`` through the head (the general path); a model not
-        inspected yet counts as needing it."""
-        if method is None:
+    def _needs_head_grad(self, model: nn.Module, methods: tuple[str | None, ...],
+                         features: Tensor | None = None) -> bool:
+        """True if the maps of any of ``methods`` (``None``: no map) need ``dS/dA`` through the head
+        (the general path); a model not inspected yet counts as needing it."""
+        if all(method is None for method in methods):
             return False
         spec = network_spec(model, features) if features is not None else known_spec(model)
         return not self.explain.closed_form or spec is None or spec.path == "general"
 
-    def teacher_forward(self, x: Tensor, method: str | None) -> tuple[Tensor, Tensor, list[Tensor]]:
+    def teacher_forward(self, x: Tensor, *methods: str | None) -> tuple[Tensor, Tensor, list[Tensor]]:
         """Teacher ``(features, logits, groups)``: backbone without a graph, head with one
-        (first order only) when ``method`` needs an autograd map."""
+        (first order only) when one of ``methods`` needs an autograd map."""
         with torch.no_grad():
             features, groups = self._features(self.teacher, x)
-        if not self._needs_head_grad(self.teacher, method, features):
+        if not self._needs_head_grad(self.teacher, methods, features):
             with torch.no_grad():
                 return features, self.teacher.forward_head(features), groups
         features = features.detach().requires_grad_(True)
@@ -367,33 +398,38 @@ class DistillModule(ClassifierModule):
         return explain_network(model, features, target, method, logits=logits, create_graph=create_graph,
                                closed_form=self.explain.closed_form)
 
-    # ------------------------------------------------------------------ training
+    # ------------------------------------------------------------------ the loss
+    def terms(self, labels: Tensor, s_logits: Tensor, t_logits: Tensor, s_groups: list[Tensor],
+              t_groups: list[Tensor], target: Tensor | None, maps: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
+        """The active terms (``LossWeights.active``), unweighted: logits ``(B, C)``, stage outputs
+        for AT, map targets ``(B,)`` / ``(B, T)`` (-1: padding) and ``(student, teacher)`` maps of
+        ``loss_method`` for the explanation term."""
+        w, t_logits = self.weights, t_logits.detach()
+        formulas = {
+            "ce": lambda: self.task.loss(s_logits, labels),
+            "kd": lambda: self.task.kd(s_logits, t_logits, w.temperature),
+            "dkd": lambda: decoupled_kd(s_logits, t_logits, labels, w.dkd_alpha, w.dkd_beta, w.temperature),
+            "at": lambda: attention_transfer(s_groups, t_groups),
+            "explain": lambda: explain_loss(*maps, self.explain.distance, mask=target >= 0),
+        }
+        return {name: formulas[name]() for name in w.active()}
+
     def loss_terms(self, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """Unweighted loss terms and the student's logits for one batch."""
-        method = self.explain.method if self.weights.explain > 0 else None
+        """Unweighted loss terms and the student's logits for one training batch."""
+        method = self.loss_method
         t_features, t_logits, t_groups = self.teacher_forward(x, method)
         s_features, s_groups = self._features(self.model, x)
         s_logits = self.model.forward_head(s_features)
-        terms = {"ce": self.task.loss(s_logits, y)}
-        if self.weights.kd > 0:
-            terms["kd"] = self.task.kd(s_logits, t_logits.detach(), self.weights.temperature)
-        if self.weights.dkd_alpha + self.weights.dkd_beta > 0:
-            terms["dkd"] = decoupled_kd(s_logits, t_logits.detach(), y, self.weights.dkd_alpha,
-                                        self.weights.dkd_beta, self.weights.temperature)
-        if self.weights.at > 0:
-            terms["at"] = attention_transfer(s_groups, t_groups)
+        target, maps = None, None
         if method is not None:
             target = self.map_target(y, t_logits)
             t_maps = self.maps(self.teacher, t_logits, t_features, target, method, False).detach()
-            s_maps = self.maps(self.model, s_logits, s_features, target, method, True)
-            terms["interpret"] = interpret_loss(s_maps, t_maps, self.explain.loss, mask=target >= 0)
-        return terms, s_logits
+            maps = self.maps(self.model, s_logits, s_features, target, method, True), t_maps
+        return self.terms(y, s_logits, t_logits, s_groups, t_groups, target, maps), s_logits
 
     def total_loss(self, terms: dict[str, Tensor]) -> Tensor:
-        w = self.weights
-        scale = {"ce": w.ce, "kd": w.kd, "at": w.at / 2, "interpret": w.explain,
-                 "dkd": dkd_warmup(self.current_epoch + 1, w.dkd_warmup)}
-        return sum(scale[name] * value for name, value in terms.items())
+        """``sum(weight(name) * term)`` at the current (1-based) epoch: the plain weighted sum."""
+        return sum(self.weights.weight(name, self.current_epoch + 1) * value for name, value in terms.items())
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -408,27 +444,32 @@ class DistillModule(ClassifierModule):
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: tuple[Tensor, ...], stage: str) -> None:
+        """The same terms and weighted total as in training (``<stage>/<term>``, ``<stage>/loss``),
+        the scores, and the cosine of the ``eval_method`` maps (``<stage>/map_cosine``)."""
         x, y = batch[0], batch[1]
         if torch.is_inference_mode_enabled():
             raise ConfigError("explanation maps need autograd at evaluation: set trainer.inference_mode=false")
-        method = self.explain.eval_method
-        t_features, t_logits, _ = self.teacher_forward(x, method)
-        s_features = self.model.forward_features(x)
-        if self._needs_head_grad(self.model, method, s_features):
+        methods = (self.explain.eval_method, self.loss_method)
+        t_features, t_logits, t_groups = self.teacher_forward(x, *methods)
+        s_features, s_groups = self._features(self.model, x)
+        if self._needs_head_grad(self.model, methods, s_features):
             s_features = s_features.detach().requires_grad_(True)
         with torch.enable_grad():  # maps need a gradient; Trainer(inference_mode=False)
             s_logits = self.model.forward_head(s_features)
             target = self.map_target(y, t_logits)
-            t_maps = self.maps(self.teacher, t_logits, t_features, target, method, False)
-            s_maps = self.maps(self.model, s_logits, s_features, target, method, False)
+            maps = {method: (self.maps(self.model, s_logits, s_features, target, method, False).detach(),
+                             self.maps(self.teacher, t_logits, t_features, target, method, False).detach())
+                    for method in dict.fromkeys(methods) if method is not None}
+            terms = self.terms(y, s_logits, t_logits, s_groups, t_groups, target, maps.get(self.loss_method))
+        terms = {name: value.detach() for name, value in terms.items()}
         t_logits, s_logits = t_logits.detach(), s_logits.detach()
-        valid = target >= 0
         score = self.task.score_name
         metrics = self.eval_metrics[stage]
         metrics[score].update(s_logits, y)
-        metrics["loss"].update(self.task.loss(s_logits, y))
+        metrics["loss"].update(self.total_loss(terms))
+        for name, value in terms.items():
+            metrics[name].update(value)
         metrics[f"teacher_{score}"].update(t_logits, y)
         metrics["agreement"].update(self.task.agreement(s_logits, t_logits))
-        metrics["map_cosine"].update(map_cosine(s_maps.detach(), t_maps.detach()), valid.float())
-        metrics["interpret"].update(interpret_loss(s_maps.detach(), t_maps.detach(), self.explain.loss, mask=valid))
+        metrics["map_cosine"].update(map_cosine(*maps[self.explain.eval_method]), (target >= 0).float())
         self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, prog_bar=stage == "val")

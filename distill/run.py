@@ -73,10 +73,8 @@ def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
         build.check_contract(cfg, "teacher", build.network(cfg, "teacher", weights_from_checkpoint=True))
     teacher, teacher_path = resolve_teacher(cfg, datamodule, train_classifier)
     build.check_contract(cfg, "teacher", teacher)
-    weights = LossWeights(ce=cfg.kd.ce_weight, kd=cfg.kd.kd_weight, temperature=cfg.kd.temperature,
-                          at=cfg.kd.at_weight, explain=cfg.explain.weight, dkd_alpha=cfg.kd.get("dkd_alpha", 0.0),
-                          dkd_beta=cfg.kd.get("dkd_beta", 0.0), dkd_warmup=cfg.kd.get("dkd_warmup", 0))
-    settings = ExplainSettings(method=cfg.explain.method, loss=cfg.explain.loss, target=cfg.explain.target,
+    weights = LossWeights(**OmegaConf.to_container(cfg.loss, resolve=True))
+    settings = ExplainSettings(method=cfg.explain.method, distance=cfg.explain.distance, target=cfg.explain.target,
                                eval_method=cfg.eval_method, closed_form=cfg.explain.closed_form)
     record = build.run_record(cfg, "student", "distill", datamodule)
     module = DistillModule(
@@ -122,7 +120,7 @@ def run(cfg: DictConfig) -> dict:
     else:
         result = distill(cfg, datamodule)
     result["config"] = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-                        for k in ("stage", "seed", "teacher", "student", "explain", "kd")}
+                        for k in ("stage", "seed", "teacher", "student", "explain", "kd", "loss")}
     result["test_images"] = console.test_images_record(result["metrics"], datamodule)
     if rank_zero_only.rank == 0:  # one writer under DDP
         write_json(Path(cfg.paths.output_dir) / "metrics.json", result)

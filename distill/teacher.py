@@ -75,7 +75,7 @@ def announce(path: Path) -> None:
     saved = json.loads(record.read_text())
     data, metrics = saved["identity"]["data"], saved.get("metrics", {})
     scores = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())
-                       if k.startswith("test/") and not k.endswith(("loss", "num_images")))
+                       if k.startswith("test/") and not k.endswith(("loss", "ce", "num_images")))
     log.info("Reusing teacher %s (trained on %s%s; %s)", path, data.get("name"),
              f" {data['root']}" if data.get("root") else "", scores or "no test metrics")
 

@@ -214,9 +214,10 @@ def test_cifar100_kd_preset_is_the_repdistiller_protocol(tmp_path):
     opt, sched = cfg.optim.optimizer, cfg.optim.scheduler
     assert (opt.lr, opt.momentum, opt.nesterov, opt.weight_decay) == (0.05, 0.9, False, 5e-4)
     assert (list(sched.milestones), sched.gamma) == ([150, 180, 210], 0.1)
-    assert (cfg.kd.ce_weight, cfg.kd.kd_weight, cfg.kd.temperature) == (0.1, 0.9, 4.0)
-    dkd = compose_config(tmp_path, ["experiment=cifar100_kd", "kd=dkd"]).kd  # mdistiller wrn40_2_wrn_16_2.yaml
-    assert (dkd.ce_weight, dkd.dkd_alpha, dkd.dkd_beta, dkd.temperature, dkd.dkd_warmup) == (1.0, 1.0, 6.0, 4.0, 20)
+    assert (cfg.kd.name, cfg.loss.ce, cfg.loss.kd, cfg.loss.temperature) == ("hinton_cifar100", 0.1, 0.9, 4.0)
+    dkd = compose_config(tmp_path, ["experiment=cifar100_kd", "kd=dkd"]).loss  # mdistiller wrn40_2_wrn_16_2.yaml
+    assert (dkd.ce, dkd.kd, dkd.dkd_alpha, dkd.dkd_beta, dkd.temperature, dkd.dkd_warmup) == (
+        1.0, 0.0, 1.0, 6.0, 4.0, 20)
 
 
 IMAGENET_OVERRIDES = ["teacher=wrn16_2", "student=wrn16_1", "~teacher.arch", "~teacher.weights", "~student.arch"]
@@ -228,9 +229,10 @@ def test_imagenet_kd_preset_is_the_resnet_protocol(tmp_path):
     opt, sched = cfg.optim.optimizer, cfg.optim.scheduler
     assert (opt.lr, opt.momentum, opt.weight_decay) == (0.1, 0.9, 1e-4)
     assert (list(sched.milestones), sched.gamma) == ([30, 60, 90], 0.1)
-    assert (cfg.kd.ce_weight, cfg.kd.kd_weight, cfg.kd.temperature) == (0.5, 0.5, 1.0)
-    dkd = compose_config(tmp_path, ["experiment=imagenet_kd", *IMAGENET_OVERRIDES, "kd=dkd_imagenet"]).kd
-    assert (dkd.ce_weight, dkd.dkd_alpha, dkd.dkd_beta, dkd.temperature, dkd.dkd_warmup) == (1.0, 1.0, 0.5, 1.0, 1)
+    assert (cfg.kd.name, cfg.loss.ce, cfg.loss.kd, cfg.loss.temperature) == ("hinton_imagenet", 0.5, 0.5, 1.0)
+    dkd = compose_config(tmp_path, ["experiment=imagenet_kd", *IMAGENET_OVERRIDES, "kd=dkd_imagenet"]).loss
+    assert (dkd.ce, dkd.kd, dkd.dkd_alpha, dkd.dkd_beta, dkd.temperature, dkd.dkd_warmup) == (
+        1.0, 0.0, 1.0, 0.5, 1.0, 1)
 
 
 def test_imagenet_kd_preset_names_the_torchvision_resnets(tmp_path):

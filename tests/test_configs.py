@@ -49,13 +49,11 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         built = build_model(cfg[group].name, cfg.data.num_classes)
         assert built(torch.randn(2, 3, 32, 32)).shape == (2, cfg.data.num_classes)
     elif group == "explain":
-        built = ExplainSettings(method=cfg.explain.method, loss=cfg.explain.loss, target=cfg.explain.target,
+        built = ExplainSettings(method=cfg.explain.method, distance=cfg.explain.distance, target=cfg.explain.target,
                                 eval_method=cfg.eval_method, closed_form=cfg.explain.closed_form)
-        assert (built.method is None) == (cfg.explain.weight == 0)
+        assert (built.method is None) == (cfg.loss.explain == 0)
     elif group == "kd":
-        built = LossWeights(ce=cfg.kd.ce_weight, kd=cfg.kd.kd_weight, temperature=cfg.kd.temperature,
-                            at=cfg.kd.at_weight, dkd_alpha=cfg.kd.get("dkd_alpha", 0.0),
-                            dkd_beta=cfg.kd.get("dkd_beta", 0.0), dkd_warmup=cfg.kd.get("dkd_warmup", 0))
+        built = LossWeights(**OmegaConf.to_container(cfg.loss))
     elif group == "optim":
         params = [torch.nn.Parameter(torch.zeros(2))]
         optimizer = hydra.utils.instantiate(cfg.optim.optimizer)(params=params)
@@ -88,9 +86,30 @@ def test_cifar10_paper_experiment_is_the_spec_protocol(tmp_path):
     assert list(cfg.optim.scheduler.milestones) == [60, 120, 160] and cfg.optim.scheduler.gamma == 0.2
 
 
-def test_paper_interpretability_weight(tmp_path):
+def test_paper_explanation_weight(tmp_path):
     cfg = compose_config(tmp_path, ["explain=gradcampp"])
-    assert cfg.explain.weight == 0.01 and cfg.explain.loss == "paper" and cfg.explain.target == "label"
+    assert cfg.loss.explain == 0.01 and cfg.explain.distance == "squared_l2" and cfg.explain.target == "label"
+
+
+def loss_table(tmp_path, *overrides: str) -> dict:
+    return OmegaConf.to_container(compose_config(tmp_path, list(overrides)).loss)
+
+
+def test_the_loss_table_takes_rows_from_kd_and_explain_and_the_command_line_wins(tmp_path):
+    defaults = {"ce": 1.0, "kd": 0.0, "temperature": 4.0, "at": 0.0, "explain": 0.0, "dkd_alpha": 0.0,
+                "dkd_beta": 0.0, "dkd_warmup": 0}
+    assert loss_table(tmp_path) == defaults
+    both = {**defaults, "kd": 1.0, "explain": 0.01}
+    assert loss_table(tmp_path, "explain=gradcampp", "kd=hinton") == both  # both groups land, in either order
+    assert loss_table(tmp_path, "kd=hinton", "explain=gradcampp") == both
+    assert loss_table(tmp_path, "kd=hinton", "explain=gradcampp", "loss.kd=0.5")["kd"] == 0.5
+    assert loss_table(tmp_path, "kd=at")["at"] == 500.0 and loss_table(tmp_path, "kd=at_hinton")["at"] == 500.0
+    # an experiment's kd choice, then a command-line choice over it
+    assert loss_table(tmp_path, "experiment=cifar100_kd") == {**defaults, "ce": 0.1, "kd": 0.9}
+    dkd = loss_table(tmp_path, "experiment=cifar100_kd", "kd=dkd", "explain=gradcam", "loss.dkd_beta=8")
+    assert dkd == {**defaults, "explain": 0.01, "dkd_alpha": 1.0, "dkd_beta": 8.0, "dkd_warmup": 20}
+    cfg = compose_config(tmp_path, ["kd=dkd", "explain=gradcam"])
+    assert (cfg.kd.name, cfg.explain.name, cfg.explain.method) == ("dkd", "gradcam", "gradcam")  # run names
 
 
 @pytest.mark.parametrize("group", ["teacher", "explain", "kd", "trainer", "logger", "data"])

@@ -43,7 +43,10 @@ def test_dropping_a_callback_and_the_required_ones(tmp_path):
 
 def test_a_moved_key_names_its_new_place(tmp_path):
     cfg = compose_config(tmp_path, ["+explanation_panel.every_n_epochs=1"])
-    assert config_errors(cfg) == "config key explanation_panel moved: it is now callbacks.explanation_panel"
+    assert config_errors(cfg) == ("explanation_panel.every_n_epochs is now callbacks.explanation_panel.every_n_epochs "
+                                  "(callbacks are a config group): use callbacks.explanation_panel.every_n_epochs=1")
+    assert config_errors(compose_config(tmp_path, ["+explain.eval_method=gradcam"])).startswith(
+        "explain.eval_method is now eval_method")
 
 
 def test_main_returns_the_optimized_metric(tmp_path, monkeypatch, caplog):

@@ -16,17 +16,18 @@ import torch
 import torch.nn.functional as F
 
 from distill.losses import (
-    INTERPRET_LOSSES,
+    DISTANCES,
+    MAP_NORM_EPS,
     attention_map,
     attention_transfer,
+    explain_loss,
     hinton_kd,
-    interpret_loss,
     map_cosine,
     masked_bce,
     multilabel_kd,
 )
 
-KINDS = ("paper", "normalized", "cosine")
+KINDS = ("squared_l2", "normalized_squared_l2", "cosine")
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
@@ -199,17 +200,17 @@ def test_attention_transfer_without_a_shared_resolution():
         attention_transfer([x], [y])
 
 
-# =========================================================================== interpretability
-def _np_interpret(s: np.ndarray, t: np.ndarray, kind: str, mask: np.ndarray | None = None) -> float:
+# =========================================================================== explanation loss
+def _np_explain(s: np.ndarray, t: np.ndarray, kind: str, mask: np.ndarray | None = None) -> float:
     s = s.reshape(*s.shape[:-2], -1)
     t = t.reshape(*t.shape[:-2], -1)
-    if kind == "paper":
+    if kind == "squared_l2":
         per = ((s - t) ** 2).sum(-1)
     else:
         ns = np.linalg.norm(s, axis=-1, keepdims=True)
         nt = np.linalg.norm(t, axis=-1, keepdims=True)
         su, tu = s / np.maximum(ns, 1e-12), t / np.maximum(nt, 1e-12)
-        per = ((su - tu) ** 2).sum(-1) if kind == "normalized" else 1 - (su * tu).sum(-1)
+        per = ((su - tu) ** 2).sum(-1) if kind == "normalized_squared_l2" else 1 - (su * tu).sum(-1)
     if mask is None:
         return float(per.mean())
     return float((per * mask).sum() / mask.sum())
@@ -217,53 +218,53 @@ def _np_interpret(s: np.ndarray, t: np.ndarray, kind: str, mask: np.ndarray | No
 
 # Two 2x2 map pairs, worked by hand:
 #   map 0: S = [[3, 0], [0, 4]] (unit [.6, 0, 0, .8]), T = [[0, 0], [0, 2]] (unit [0, 0, 0, 1]);
-#          paper = 9 + 0 + 0 + 4 = 13, normalized = .36 + .04 = .4, cos = .8;
+#          squared_l2 = 9 + 0 + 0 + 4 = 13, normalized_squared_l2 = .36 + .04 = .4, cos = .8;
 #   map 1: S = [[1, 1], [1, 1]] (unit [.5]*4), T = [[2, 0], [0, 0]] (unit [1, 0, 0, 0]);
-#          paper = 1 + 1 + 1 + 1 = 4, normalized = .25 * 4 = 1, cos = .5.
+#          squared_l2 = 1 + 1 + 1 + 1 = 4, normalized_squared_l2 = .25 * 4 = 1, cos = .5.
 S2 = torch.tensor([[[3.0, 0.0], [0.0, 4.0]], [[1.0, 1.0], [1.0, 1.0]]])
 T2 = torch.tensor([[[0.0, 0.0], [0.0, 2.0]], [[2.0, 0.0], [0.0, 0.0]]])
-HAND = {"paper": (13.0 + 4.0) / 2, "normalized": (0.4 + 1.0) / 2, "cosine": (0.2 + 0.5) / 2}
+HAND = {"squared_l2": (13.0 + 4.0) / 2, "normalized_squared_l2": (0.4 + 1.0) / 2, "cosine": (0.2 + 0.5) / 2}
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_interpret_loss_hand_worked(kind):
-    got = interpret_loss(S2, T2, kind)
+def test_explain_loss_hand_worked(kind):
+    got = explain_loss(S2, T2, kind)
     assert got.shape == () and got.dtype == torch.float32
     assert got.item() == pytest.approx(HAND[kind], rel=1e-6)
     # Single map: mean over one map is that map's value.
-    single = {"paper": 13.0, "normalized": 0.4, "cosine": 0.2}[kind]
-    assert interpret_loss(S2[:1], T2[:1], kind).item() == pytest.approx(single, rel=1e-6)
+    single = {"squared_l2": 13.0, "normalized_squared_l2": 0.4, "cosine": 0.2}[kind]
+    assert explain_loss(S2[:1], T2[:1], kind).item() == pytest.approx(single, rel=1e-6)
 
 
-def test_interpret_loss_hand_worked_more():
+def test_explain_loss_hand_worked_more():
     s = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
     t = torch.tensor([[[0.0, 2.0], [1.0, 5.0]]])
-    assert interpret_loss(s, t, "paper").item() == pytest.approx(1 + 0 + 4 + 1)  # raw, no norm
-    assert interpret_loss(2 * s, 2 * t, "paper").item() == pytest.approx(4 * 6)
+    assert explain_loss(s, t, "squared_l2").item() == pytest.approx(1 + 0 + 4 + 1)  # raw, no norm
+    assert explain_loss(2 * s, 2 * t, "squared_l2").item() == pytest.approx(4 * 6)
     # Scale-free variants ignore a positive rescaling of either map.
-    for kind in ("normalized", "cosine"):
-        assert interpret_loss(5 * S2, 0.1 * T2, kind).item() == pytest.approx(HAND[kind], rel=1e-5)
-    # Orthogonal maps: cosine 1, normalized 2; opposite maps: cosine 2, normalized 4.
+    for kind in ("normalized_squared_l2", "cosine"):
+        assert explain_loss(5 * S2, 0.1 * T2, kind).item() == pytest.approx(HAND[kind], rel=1e-5)
+    # Orthogonal maps: cosine 1, normalized_squared_l2 2; opposite maps: cosine 2, normalized_squared_l2 4.
     a = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
     b = torch.tensor([[[0.0, 0.0], [3.0, 0.0]]])
-    assert interpret_loss(a, b, "cosine").item() == pytest.approx(1.0)
-    assert interpret_loss(a, b, "normalized").item() == pytest.approx(2.0)
-    assert interpret_loss(a, -a, "cosine").item() == pytest.approx(2.0)
-    assert interpret_loss(a, -a, "normalized").item() == pytest.approx(4.0)
+    assert explain_loss(a, b, "cosine").item() == pytest.approx(1.0)
+    assert explain_loss(a, b, "normalized_squared_l2").item() == pytest.approx(2.0)
+    assert explain_loss(a, -a, "cosine").item() == pytest.approx(2.0)
+    assert explain_loss(a, -a, "normalized_squared_l2").item() == pytest.approx(4.0)
     for kind in KINDS:
-        assert interpret_loss(S2, S2.clone(), kind).item() == pytest.approx(0.0, abs=1e-6)
+        assert explain_loss(S2, S2.clone(), kind).item() == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_interpret_loss_random_matches_numpy(kind):
+def test_explain_loss_random_matches_numpy(kind):
     g = _rng(9)
     s, t = torch.randn(3, 5, 6, generator=g), torch.randn(3, 5, 6, generator=g)
-    expected = _np_interpret(_np(s), _np(t), kind)
-    assert interpret_loss(s, t, kind).item() == pytest.approx(expected, rel=1e-5)
+    expected = _np_explain(_np(s), _np(t), kind)
+    assert explain_loss(s, t, kind).item() == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_interpret_loss_multi_map_mask(kind):
+def test_explain_loss_multi_map_mask(kind):
     g = _rng(10)
     s, t = torch.rand(2, 3, 4, 4, generator=g), torch.rand(2, 3, 4, 4, generator=g)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
@@ -271,11 +272,11 @@ def test_interpret_loss_multi_map_mask(kind):
     s_pad, t_pad = s.clone(), t.clone()
     s_pad[~mask] = 1e3 * torch.randn(3, 4, 4, generator=g)
     t_pad[~mask] = -1e3
-    expected = _np_interpret(_np(s), _np(t), kind, mask.double().numpy())
-    got = interpret_loss(s_pad.requires_grad_(True), t_pad, kind, mask)
+    expected = _np_explain(_np(s), _np(t), kind, mask.double().numpy())
+    got = explain_loss(s_pad.requires_grad_(True), t_pad, kind, mask)
     assert got.item() == pytest.approx(expected, rel=1e-5)
     # Hand check of the averaging: the mean of the three counted maps' own losses.
-    per = [interpret_loss(s[b, i][None], t[b, i][None], kind).item()
+    per = [explain_loss(s[b, i][None], t[b, i][None], kind).item()
            for b, i in ((0, 0), (0, 1), (1, 0))]
     assert got.item() == pytest.approx(sum(per) / 3, rel=1e-5)
     # No gradient into padded maps.
@@ -283,76 +284,76 @@ def test_interpret_loss_multi_map_mask(kind):
     assert grad[~mask].abs().max().item() == 0.0
     assert grad[mask].abs().sum().item() > 0
     # Without a mask, every one of the 6 maps counts.
-    assert interpret_loss(s, t, kind).item() == pytest.approx(
-        _np_interpret(_np(s), _np(t), kind), rel=1e-5
+    assert explain_loss(s, t, kind).item() == pytest.approx(
+        _np_explain(_np(s), _np(t), kind), rel=1e-5
     )
     # A float mask of ones equals no mask; (B,) mask for (B, h, w) maps works too.
-    assert interpret_loss(s, t, kind, torch.ones(2, 3)).item() == pytest.approx(
-        interpret_loss(s, t, kind).item(), rel=1e-6
+    assert explain_loss(s, t, kind, torch.ones(2, 3)).item() == pytest.approx(
+        explain_loss(s, t, kind).item(), rel=1e-6
     )
     s3, t3 = s[:, 0], t[:, 0]
-    assert interpret_loss(s3, t3, kind, torch.tensor([0.0, 1.0])).item() == pytest.approx(
-        _np_interpret(_np(s3[1:]), _np(t3[1:]), kind), rel=1e-5
+    assert explain_loss(s3, t3, kind, torch.tensor([0.0, 1.0])).item() == pytest.approx(
+        _np_explain(_np(s3[1:]), _np(t3[1:]), kind), rel=1e-5
     )
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_interpret_loss_resizes_student(kind):
+def test_explain_loss_resizes_student(kind):
     g = _rng(11)
     # Upsampling 4x4 -> 8x8: reference is torch's bilinear interpolate (align_corners=False).
     s, t = torch.rand(2, 4, 4, generator=g), torch.rand(2, 8, 8, generator=g)
     ref = F.interpolate(s[:, None].double(), size=(8, 8), mode="bilinear", align_corners=False)
-    expected = _np_interpret(ref[:, 0].numpy(), _np(t), kind)
-    assert interpret_loss(s, t, kind).item() == pytest.approx(expected, rel=1e-5)
+    expected = _np_explain(ref[:, 0].numpy(), _np(t), kind)
+    assert explain_loss(s, t, kind).item() == pytest.approx(expected, rel=1e-5)
     # (B, T, h, w): every map is resized on its own.
     s4, t4 = torch.rand(2, 3, 4, 4, generator=g), torch.rand(2, 3, 8, 8, generator=g)
     ref4 = F.interpolate(s4.double(), size=(8, 8), mode="bilinear", align_corners=False)
-    expected4 = _np_interpret(ref4.numpy(), _np(t4), kind)
-    assert interpret_loss(s4, t4, kind).item() == pytest.approx(expected4, rel=1e-5)
+    expected4 = _np_explain(ref4.numpy(), _np(t4), kind)
+    assert explain_loss(s4, t4, kind).item() == pytest.approx(expected4, rel=1e-5)
     # Downsampling by exactly 2 is a 2x2 average (numpy), and a block-constant student resizes
     # back to the teacher exactly.
     big = torch.rand(2, 3, 8, 8, generator=g)
     small = torch.rand(2, 3, 4, 4, generator=g)
-    expected_down = _np_interpret(_np_avg2(_np(big)), _np(small), kind)
-    assert interpret_loss(big, small, kind).item() == pytest.approx(expected_down, rel=1e-5)
+    expected_down = _np_explain(_np_avg2(_np(big)), _np(small), kind)
+    assert explain_loss(big, small, kind).item() == pytest.approx(expected_down, rel=1e-5)
     blocky = small.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
-    assert interpret_loss(blocky, small, kind).item() == pytest.approx(0.0, abs=1e-5)
+    assert explain_loss(blocky, small, kind).item() == pytest.approx(0.0, abs=1e-5)
     # map_cosine resizes the same way.
-    ref_cos = 1 - _np_interpret(ref[:, 0].numpy()[:1], _np(t)[:1], "cosine")
+    ref_cos = 1 - _np_explain(ref[:, 0].numpy()[:1], _np(t)[:1], "cosine")
     assert map_cosine(s, t)[0].item() == pytest.approx(ref_cos, rel=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("which", ["both", "student", "teacher"])
-def test_interpret_loss_zero_maps_finite(kind, which):
+def test_explain_loss_zero_maps_finite(kind, which):
     g = _rng(12)
     s = torch.zeros(2, 4, 4) if which in ("both", "student") else torch.rand(2, 4, 4, generator=g)
     t = torch.zeros(2, 4, 4) if which in ("both", "teacher") else torch.rand(2, 4, 4, generator=g)
     s.requires_grad_(True)
-    loss = interpret_loss(s, t, kind)
+    loss = explain_loss(s, t, kind)
     (grad,) = torch.autograd.grad(loss, s)
     assert torch.isfinite(loss)
     assert torch.isfinite(grad).all()
     if which == "both":
         assert grad.abs().max().item() == 0.0
-        # Zero vs zero: paper/normalized 0; cosine treats a zero map as cos = 0.
-        assert loss.item() == pytest.approx({"paper": 0.0, "normalized": 0.0, "cosine": 1.0}[kind])
+        # Zero vs zero: the squared L2 distances 0; cosine treats a zero map as cos = 0.
+        assert loss.item() == pytest.approx({"squared_l2": 0.0, "normalized_squared_l2": 0.0, "cosine": 1.0}[kind])
     # Also through a (B, T, h, w) mask with a fully-masked sample.
     s4 = torch.zeros(2, 2, 4, 4, requires_grad=True)
-    loss4 = interpret_loss(s4, torch.zeros(2, 2, 4, 4), kind, torch.tensor([[1, 1], [0, 0]]))
+    loss4 = explain_loss(s4, torch.zeros(2, 2, 4, 4), kind, torch.tensor([[1, 1], [0, 0]]))
     (grad4,) = torch.autograd.grad(loss4, s4)
     assert torch.isfinite(loss4) and torch.isfinite(grad4).all()
     # An all-zero mask gives 0, not 0/0.
-    zero_mask = interpret_loss(S2, T2, kind, torch.zeros(2))
+    zero_mask = explain_loss(S2, T2, kind, torch.zeros(2))
     assert torch.isfinite(zero_mask) and zero_mask.item() == 0.0
 
 
-def test_interpret_loss_unknown_kind():
+def test_explain_loss_unknown_distance():
     with pytest.raises(ValueError, match="gradcam_l1") as info:
-        interpret_loss(S2, T2, "gradcam_l1")
+        explain_loss(S2, T2, "gradcam_l1")
     for kind in KINDS:
         assert kind in str(info.value)
-    assert tuple(INTERPRET_LOSSES) == KINDS
+    assert tuple(DISTANCES) == KINDS
 
 
 def test_map_cosine():
@@ -402,3 +403,22 @@ def test_multilabel_kd_is_scaled_bernoulli_kl(temp):
     zs.requires_grad_(True)
     (grad,) = torch.autograd.grad(multilabel_kd(zs, zt, temp), zs)
     assert np.allclose(grad.double().numpy(), temp * (ps - pt) / zs.numel(), atol=1e-6)
+
+
+def test_one_map_norm_epsilon_in_the_distances_and_the_map_cosine():
+    """Every map norm is clamped at the same MAP_NORM_EPS = 1e-6, worked by hand: for a student map
+    ``s = a * u`` along the teacher's unit direction ``u``, ``cos = a / max(a, eps)``, so a map of norm
+    1e-9 (below eps) has cosine 1e-3 in both the cosine distance and map_cosine; one of norm 1e-3 has 1."""
+    assert MAP_NORM_EPS == 1e-6
+    t = torch.tensor([[[3.0, 0.0], [0.0, 4.0]]])  # ||t|| = 5, u = t / 5
+    for norm, cos in ((1e-9, 1e-3), (1e-3, 1.0)):
+        s = norm * t / 5
+        assert map_cosine(s, t).item() == pytest.approx(cos, rel=1e-5)
+        assert explain_loss(s, t, "cosine").item() == pytest.approx(1 - cos, rel=1e-5, abs=1e-6)
+        # s / max(||s||, eps) = cos * u, t / ||t|| = u: the normalised distance is (1 - cos)^2
+        assert explain_loss(s, t, "normalized_squared_l2").item() == pytest.approx((1 - cos) ** 2, rel=1e-5, abs=1e-6)
+    # The gradient at a near-zero student map is bounded: below eps, 1 - cos = 1 - s.u / eps, whose
+    # gradient is -u / eps (entries -6e5, -8e5; with eps = 1e-12 they would be -6e11, -8e11).
+    s = torch.tensor([[[0.0, 1e-9], [0.0, 0.0]]], requires_grad=True)
+    (grad,) = torch.autograd.grad(explain_loss(s, t, "cosine"), s)
+    torch.testing.assert_close(grad, -t / 5 / 1e-6, rtol=1e-5, atol=0)

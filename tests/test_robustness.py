@@ -177,10 +177,10 @@ def test_unknown_key_in_a_group_fails_with_its_name(tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("explain.weight=-1", "explain.weight=-1 is not allowed.*allowed: a number >= 0"),
-     ("kd.kd_weight=-0.5", "kd.kd_weight=-0.5 is not allowed.*allowed: a number >= 0"),
-     ("kd.temperature=0", "kd.temperature=0 is not allowed.*allowed: a number > 0"),
-     ("kd.temperature=-2", "kd.temperature=-2 is not allowed.*allowed: a number > 0")],
+    [("loss.explain=-1", "loss.explain=-1 is not allowed.*allowed: a number >= 0"),
+     ("loss.kd=-0.5", "loss.kd=-0.5 is not allowed.*allowed: a number >= 0"),
+     ("loss.temperature=0", "loss.temperature=0 is not allowed.*allowed: a number > 0"),
+     ("loss.temperature=-2", "loss.temperature=-2 is not allowed.*allowed: a number > 0")],
 )
 def test_bad_loss_settings(override, message, teacher_ckpt, tmp_path):
     cfg = compose_config(tmp_path, ["experiment=smoke", "logger=none", "explain=gradcampp",
@@ -191,9 +191,9 @@ def test_bad_loss_settings(override, message, teacher_ckpt, tmp_path):
 
 def test_bad_loss_setting_through_train_py_exits_2(teacher_ckpt, tmp_path):
     proc = run_train(["experiment=smoke", "logger=none", f"teacher.checkpoint={teacher_ckpt}", "kd=hinton",
-                      "kd.temperature=0"], tmp_path)
+                      "loss.temperature=0"], tmp_path)
     assert proc.returncode == 2
-    assert "kd.temperature=0 is not allowed" in proc.stderr and "Traceback" not in proc.stderr
+    assert "loss.temperature=0 is not allowed" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_explicit_teacher_checkpoint_missing(tmp_path):

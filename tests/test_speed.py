@@ -86,7 +86,7 @@ def test_explanation_step_has_no_host_sync(device, method, closed_form):
     with recorder:
         terms, _ = module.loss_terms(x, y)
         module.total_loss(terms).backward()
-    assert "interpret" in terms
+    assert "explain" in terms
     assert len(recorder.ops) > 100, "the dispatch mode saw no operators"
     assert recorder.syncs == []
     assert all(p.grad is not None for p in module.model.parameters())
@@ -128,7 +128,7 @@ def test_wrn_training_step_uses_closed_form_without_second_backward(method, grad
     assert grad_calls == []  # no inner gradient at all, for the teacher nor for the student
     forced_terms, _ = forced.loss_terms(x, y)
     assert grad_calls == [False, True]  # teacher first order, student with a graph (double backward)
-    torch.testing.assert_close(terms["interpret"], forced_terms["interpret"], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(terms["explain"], forced_terms["explain"], rtol=1e-4, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- precision

@@ -71,10 +71,11 @@ def test_every_explain_and_kd_combination_as_one_multirun(smoke_teacher, tmp_pat
         explain, kd = result["config"]["explain"]["name"], result["config"]["kd"]["name"]
         seen.add((explain, kd))
         metrics = result["metrics"]
-        for key in ("test/acc", "test/agreement", "test/map_cosine", "test/interpret", "train/ce"):
+        for key in ("test/acc", "test/agreement", "test/map_cosine", "test/loss", "test/ce", "train/ce"):
             assert math.isfinite(metrics[key]), (explain, kd, key)
+        assert ("test/explain" in metrics) == (explain != "none"), (explain, kd)
         columns = logged_columns(path.parent)
-        assert ("train/interpret" in columns) == (explain != "none"), (explain, kd)
+        assert ("train/explain" in columns) == ("val/explain" in columns) == (explain != "none"), (explain, kd)
         assert ("train/kd" in columns) == (kd in ("hinton", "at_hinton")), (explain, kd)
         assert ("train/at" in columns) == (kd in ("at", "at_hinton")), (explain, kd)
     assert len(seen) == 12

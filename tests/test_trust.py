@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from distill.checkpoints import AtomicCheckpointIO, read_checkpoint
-from distill.config_schema import DATA, EXPLAIN_METHODS, INTERPRET_LOSSES, STAGES, config_errors
+from distill.config_schema import DATA, DISTANCES, EXPLAIN_METHODS, STAGES, Loss, check_config, config_errors
 from distill.errors import CheckpointError, ConfigError, DataError
 from distill.files import atomic_file, copy_file, write_json, write_text
 from distill.models import build_model
@@ -342,10 +342,13 @@ def test_last_ckpt_holds_the_last_epoch_when_the_metric_plateaus(tmp_path):
 # ------------------------------------------------------------------------------------ 2/7. the schema
 def test_schema_names_match_the_code():
     from distill.explain import METHODS
-    from distill.losses import INTERPRET_LOSSES as LOSSES
+    from distill.losses import DISTANCES as LOSS_DISTANCES
+    from distill.module import TERMS, LossWeights
     from distill.run import STAGES as RUN_STAGES
 
-    assert tuple(METHODS) == EXPLAIN_METHODS and tuple(LOSSES) == INTERPRET_LOSSES and tuple(RUN_STAGES) == STAGES
+    assert tuple(METHODS) == EXPLAIN_METHODS and tuple(LOSS_DISTANCES) == DISTANCES and tuple(RUN_STAGES) == STAGES
+    assert set(Loss.model_fields) == set(LossWeights.__dataclass_fields__)  # the loss table, in both
+    assert {name for name in TERMS if name != "dkd"} <= set(Loss.model_fields)  # a weight per term (DKD: warm-up)
     targets = {OmegaConf.load(p).get("_target_") for p in (CONFIG_DIR / "data").glob("*.yaml")}
     missing = targets - set(DATA)
     assert not missing, f"data options without a schema in distill/config_schema.py DATA: {missing}"
@@ -366,17 +369,20 @@ def test_every_shipped_option_passes_the_schema(group, option, tmp_path):
 @pytest.mark.parametrize(
     ("override", "key", "allowed"),
     [
-        ("explain.weight=abc", "explain.weight='abc'", "a number >= 0"),
-        ("kd.temperature=abc", "kd.temperature='abc'", "a number > 0"),
-        ("kd.temperature=0", "kd.temperature=0", "a number > 0"),
+        ("loss.explain=abc", "loss.explain='abc'", "a number >= 0"),
+        ("loss.temperature=abc", "loss.temperature='abc'", "a number > 0"),
+        ("loss.temperature=0", "loss.temperature=0", "a number > 0"),
+        ("loss.dkd_warmup=-1", "loss.dkd_warmup=-1", "an integer >= 0"),
         ("trainer.max_epochs=abc", "trainer.max_epochs='abc'", "an integer >= 1"),
         ("trainer.max_epochs=0", "trainer.max_epochs=0", "an integer >= 1"),
         ("seed=abc", "seed='abc'", "an integer >= 0"),
         ("optim.optimizer.lr=-0.1", "optim.optimizer.lr=-0.1", "a number >= 0"),
         ("data.batch_size=0", "data.batch_size=0", "an integer >= 1"),
-        ("explain.loss=l1", "explain.loss='l1'", "one of 'paper', 'normalized', 'cosine'"),
+        ("explain.distance=l1", "explain.distance='l1'", "one of 'squared_l2', 'normalized_squared_l2', 'cosine'"),
+        ("loss.explain=0.01", "loss.explain=0.01 needs an explain.method", "one of cam, gradcam, gradcampp, hirescam"),
         ("+foo=1", "unknown config key foo=1", "takes only task_name"),
-        ("+explain.wieght=1", "unknown config key explain.wieght=1", "takes only name, method, weight"),
+        ("+explain.wieght=1", "unknown config key explain.wieght=1", "takes only name, method, distance"),
+        ("+loss.kd_weight=1", "unknown config key loss.kd_weight=1", "loss takes only ce, kd, temperature, at"),
         ("+trainer.max_epoch=3", "unknown config key trainer.max_epoch=3", "max_epochs"),
         ("data=image_folder", "data.root is required", "data.root=..."),
     ],
@@ -387,12 +393,44 @@ def test_each_kind_of_config_mistake_names_key_value_and_what_is_allowed(overrid
     assert key in problem and allowed in problem, problem
 
 
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [("+explain.weight=0.02",
+      "explain.weight is now loss.explain (one table for every loss weight): use loss.explain=0.02"),
+     ("+kd.kd_weight=0.5", "kd.kd_weight is now loss.kd (one table for every loss weight): use loss.kd=0.5"),
+     ("+kd.ce_weight=0.1", "kd.ce_weight is now loss.ce (one table for every loss weight): use loss.ce=0.1"),
+     ("+kd.at_weight=1000", "kd.at_weight is now loss.at (one table for every loss weight, no hidden factor: "
+                            "loss.at is the AT paper's beta/2): use loss.at=500.0"),
+     ("+kd.temperature=2", "kd.temperature is now loss.temperature (one table for every loss weight): "
+                           "use loss.temperature=2"),
+     ("+explain.loss=paper", "explain.loss is now explain.distance (paper is now squared_l2, normalized "
+                             "normalized_squared_l2): use explain.distance=squared_l2")],
+)
+def test_a_renamed_key_names_its_new_place(override, line, tmp_path):
+    cfg = compose_config(tmp_path, ["experiment=smoke", override])
+    assert config_errors(cfg) == line
+    with pytest.raises(ConfigError, match="is now"):
+        check_config(cfg)
+
+
+def test_a_renamed_key_on_the_command_line_is_caught_before_hydra():
+    from distill.config_schema import renamed_override_problem
+
+    assert renamed_override_problem(["kd=hinton", "loss.kd=0.5", "explain=gradcampp"]) is None
+    assert renamed_override_problem(["kd=hinton", "kd.dkd_warmup=20"]) == (
+        "kd.dkd_warmup is now loss.dkd_warmup (one table for every loss weight): use loss.dkd_warmup=20")
+    assert renamed_override_problem(["++kd.at_weight=1000"]).endswith("use loss.at=500.0")
+    assert renamed_override_problem(["kd.kd_weight=0.5,1"]).endswith("use loss.kd=0.5,1")  # a sweep
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "needle"),
-    [("kd.temperature=abc", "kd.temperature='abc'"), ("trainer.max_epochs=0", "trainer.max_epochs=0"),
+    [("loss.temperature=abc", "loss.temperature='abc'"), ("trainer.max_epochs=0", "trainer.max_epochs=0"),
      ("optim.optimizer.lr=-0.1", "optim.optimizer.lr=-0.1"), ("data=image_folder", "data.root"),
-     ("+foo=1", "foo=1"), ("explain.weight=-1", "explain.weight=-1")],
+     ("+foo=1", "foo=1"), ("loss.explain=-1", "loss.explain=-1"),
+     ("explain.weight=0.01",
+      "explain.weight is now loss.explain (one table for every loss weight): use loss.explain=0.01")],
 )
 def test_config_mistakes_through_train_py_exit_2_before_anything_is_written(override, needle, tmp_path):
     run_dir = tmp_path / "run"
@@ -448,8 +486,8 @@ def test_resume_of_a_finished_run_changes_nothing_unless_extended(tmp_path, capl
     assert "this run is finished" in caplog.text
     assert (run_dir / "metrics.json").read_bytes() == before and result == json.loads(before)
 
-    with pytest.raises(ConfigError, match=r"the override kd.temperature=2 would change .*kd.temperature is 4.0"):
-        resume(tmp_path, run_dir, "kd.temperature=2")
+    with pytest.raises(ConfigError, match=r"the override loss.temperature=2 would change .*loss.temperature is 4.0"):
+        resume(tmp_path, run_dir, "loss.temperature=2")
     assert (run_dir / "metrics.json").read_bytes() == before
 
     result = resume(tmp_path, run_dir, "trainer.max_epochs=2")  # extend by one epoch

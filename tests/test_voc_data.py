@@ -205,8 +205,10 @@ def test_voc_data_picks_the_multilabel_task_and_its_options_reach_it(tmp_path):
 def test_moved_voc_keys_say_where_they_are_now(tmp_path):
     from distill.config_schema import config_errors
 
-    for old, new in (("data.ap=11point", "task"), ("data.loc_deltas=[0.5]", "callbacks.localization.deltas"),
-                     ("data.max_map_targets=3", "task.max_map_targets"), ("data.loc_method=gradcam", "eval_method")):
-        cfg = compose_config(tmp_path, ["data=voc2007", f"+{old}"])
-        problem = config_errors(cfg)
-        assert problem is not None and problem.startswith(f"config key {old.split('=')[0]} moved: it is now {new}")
+    for old, line in (("data.ap=11point", "data.ap is now task (the task scores the labels; 11point is "
+                                          "task=multilabel_voc11): use task=multilabel_voc11"),
+                      ("data.loc_deltas=[0.5]", "data.loc_deltas is now callbacks.localization.deltas"),
+                      ("data.max_map_targets=3", "data.max_map_targets is now task.max_map_targets"),
+                      ("data.loc_method=gradcam", "data.loc_method is now eval_method")):
+        problem = config_errors(compose_config(tmp_path, ["data=voc2007", f"+{old}"]))
+        assert problem is not None and problem.startswith(line), problem

@@ -29,7 +29,8 @@ def test_voc_pipeline_through_train_py(voc_root, tmp_path):
     metrics = result["metrics"]
     assert result["stage"] == "distill"
     for key in ("test/map", "test/teacher_map", "val/map", "test/agreement", "test/map_cosine", "train/ce",
-                "train/kd", "train/interpret", "test/loc00_student", "test/loc50_student", "test/loc00_teacher",
+                "train/kd", "train/explain", "test/explain", "test/loss", "test/loc00_student", "test/loc50_student",
+                "test/loc00_teacher",
                 "test/loc50_teacher", "val/loc50_student"):
         assert math.isfinite(metrics[key]), key
     assert 0 <= metrics["test/map"] <= 1 and 0 <= metrics["test/loc50_teacher"] <= 1

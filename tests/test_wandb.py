@@ -67,7 +67,8 @@ def test_offline_wandb_run_holds_config_metrics_and_checkpoint_paths(tmp_path, m
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     assert (tmp_path / "wandb_run_id").read_text() in run_file.name
     history, config = logged(read_wandb_records(run_file))
-    for key in ("train/loss", "train/acc", "val/acc", "val/loss", "time/epoch_s", "lr-SGD", "test/acc"):
+    for key in ("train/loss", "train/ce", "train/acc", "val/acc", "val/loss", "val/ce", "time/epoch_s", "lr-SGD",
+                "test/acc"):
         assert key in history, (key, sorted(history))
     assert len(history["val/acc"]) == 2 and len(history["time/epoch_s"]) == 2
     assert history["test/acc"][-1] == pytest.approx(result["metrics"]["test/acc"])

@@ -26,7 +26,7 @@ Conventions (also written into every evaluation JSON, see :data:`CONVENTIONS`):
 - **Map similarity** = mean cosine of the flattened Grad-CAM++ maps of teacher and student
   (the student's map resized bilinearly to the teacher's size when they differ), both
   explaining the same class: by default the image's label (the class the paper's
-  interpretability loss matches), optionally the student's or the teacher's top-1. An all-zero
+  explanation loss matches), optionally the student's or the teacher's top-1. An all-zero
   map has cosine 0 with anything.
 """
 

@@ -36,7 +36,7 @@ def multilabel_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: f
     The per-class Bernoulli KL is ``p_T (log p_T - log p_S) + (1 - p_T) (log(1 - p_T) -
     log(1 - p_S))`` (0 when the two agree; its student gradient is that of the BCE of the
     student on the soft teacher targets). Averaged over the ``B * C`` entries, like
-    :func:`masked_bce`, so ``kd.kd_weight=1`` weighs both terms alike; ``T^2`` keeps the
+    :func:`masked_bce`, so ``loss.kd=1`` weighs both terms alike; ``T^2`` keeps the
     gradient scale independent of ``T`` as in the single-label KD. Returns a float32 scalar.
     """
     zs = student_logits.float() / temperature

@@ -11,7 +11,7 @@ same indices), so torchvision's ImageNet weights load into the teacher unchanged
 **Dropout and explanation maps.** Dropout sits between the explained layer and the logits, so a
 train-mode map would be the map of a random thinned network (and not the network that is
 evaluated). The rule here: *maps are always computed with the head's dropout off.* In eval
-mode that is automatic. In train mode (the student's interpretability loss) the maps go through
+mode that is automatic. In train mode (the student's explanation loss) the maps go through
 the model's ``map_head(features)`` (the model contract's deterministic head), which re-runs the head on
 the same activations (a second, cheap pass through the FC layers; the differentiable graph to
 the features and weights is kept); the cross-entropy / KD still use the dropped-out logits.
