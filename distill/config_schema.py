@@ -437,6 +437,7 @@ class Evaluate(Scripts):
     seed: int = 0
     similarity_target: Literal["label", "student_pred", "teacher_pred"] = "label"
     explain_teacher: bool = True
+    eval_method: Method = "gradcampp"
     localization: EvalLocalization = EvalLocalization()
     progress_bar: bool = True
     pointing_game: PointingGame = PointingGame()

@@ -21,6 +21,12 @@ from distill.losses import hinton_kd, masked_bce, multilabel_kd
 from distill.metrics import MultilabelMeanAP
 
 
+def split_batch(batch: Sequence[Tensor]) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:
+    """``(images, labels, boxes)`` of a batch; ``boxes`` = ``(boxes, box_labels, box_difficult)``
+    where evaluation batches carry them (VOC's), else ``None``."""
+    return batch[0], batch[1], tuple(batch[2:5]) if len(batch) >= 5 else None
+
+
 class MulticlassTask:
     """One label per image ``(B,)``; CE, Hinton KD, maps for one class per image."""
 
@@ -49,11 +55,7 @@ class MulticlassTask:
     def score_metric(self) -> Metric:
         return MulticlassAccuracy(self.num_classes, average="micro")
 
-    @staticmethod
-    def split_batch(batch: Sequence[Tensor]) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:
-        """``(images, labels, boxes)``; ``boxes`` = ``(boxes, box_labels, box_difficult)`` where
-        evaluation batches carry them (VOC's), else ``None``."""
-        return batch[0], batch[1], tuple(batch[2:5]) if len(batch) >= 5 else None
+    split_batch = staticmethod(split_batch)
 
     def agreement(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         """``(B,)`` 1.0 where student and teacher predict the same top-1 class."""
@@ -79,6 +81,7 @@ class MultilabelTask:
     score_name = "map"
     multilabel = True
     interpolation = "area"
+    split_batch = staticmethod(split_batch)
 
     def __init__(self, num_classes: int, max_map_targets: int | None = None) -> None:
         self.num_classes = num_classes

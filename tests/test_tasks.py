@@ -38,3 +38,12 @@ def test_a_task_that_does_not_fit_the_labels_is_one_line():
         build_task({"name": "multilabel_voc11", "score": "map"}, 20)
     with pytest.raises(ConfigError, match="task=unknown is unknown"):
         build_task({"name": "unknown"}, 20)
+
+
+def test_every_task_splits_batches_with_and_without_boxes():
+    images, labels = torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long)
+    boxes = (torch.zeros(2, 1, 4), torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.bool))
+    for task in (build_task({"name": name}, 4) for name in ("multiclass", "multilabel", "multilabel_voc11")):
+        assert task.split_batch((images, labels))[2] is None
+        x, y, extra = task.split_batch((images, labels, *boxes))
+        assert x is images and y is labels and all(a is b for a, b in zip(extra, boxes, strict=True))
