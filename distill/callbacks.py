@@ -56,13 +56,15 @@ class ExplanationPanel(pl.Callback):
     """
 
     def __init__(self, method: str, every_n_epochs: int = 10, num_images: int = 8,
-                 out_dir: str | Path | None = None, cell_px: int = 128, target: str = "label") -> None:
+                 out_dir: str | Path | None = None, cell_px: int = 128, target: str = "label",
+                 single_network: bool = False) -> None:
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
         self.method = method
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.cell_px = int(cell_px)
         self.target = target
+        self.single_network = single_network  # also panels of a network trained alone (stage=teacher|baseline)
         self.images: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
 
@@ -84,6 +86,8 @@ class ExplanationPanel(pl.Callback):
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or not self._due(trainer):
+            return
+        if len(pl_module.networks()) < 2 and not self.single_network:
             return
         if self.images is None:
             self.pick_images(trainer)

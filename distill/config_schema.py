@@ -344,6 +344,7 @@ class Panel(Target):
     method: Method
     target: Literal["label", "pred"] = "label"
     cell_px: PosInt = 128
+    single_network: bool = False
 
 
 class Localization(Target):

@@ -234,3 +234,16 @@ def test_library_filters_are_narrow():
         logger.removeHandler(handler)
         logger.setLevel(old_level)
     assert seen == [gpu, "`Trainer.fit` stopped: `max_steps=5` reached.", "something else", "something else"]
+
+
+@pytest.mark.parametrize("single_network", [False, True])
+def test_panel_of_a_network_trained_alone_only_when_asked(tmp_path, single_network):
+    dm = SyntheticDataModule(num_train=32, num_val=40, image_size=16, seed=3)
+    dm.setup("fit")
+    module = SimpleNamespace(networks=lambda: {"student": build_model("wrn16_1", 10)}, task=MulticlassTask(10),
+                             device=torch.device("cpu"))
+    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, current_epoch=0, max_epochs=1,
+                              datamodule=dm, loggers=[])
+    panel = ExplanationPanel("gradcampp", num_images=2, cell_px=32, out_dir=tmp_path, single_network=single_network)
+    panel.on_validation_epoch_end(trainer, module)
+    assert [p.name for p in tmp_path.glob("*.png")] == (["explanations_epoch000.png"] if single_network else [])
