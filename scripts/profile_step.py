@@ -118,23 +118,34 @@ def phase_times(events) -> tuple[dict[str, float], dict[tuple[str, str], float]]
 
 
 WEIGHT_SIZED = 4_000_000  # elements: VGG-16's fc6 / fc7 and the student's fc6 weights are larger, conv weights smaller
-KINDS = ("maps: 5-D (B, T, K, h, w) tensors", "FC: a weight-sized 2-D tensor (fc6 / fc7 weight or its gradient)",
-         "FC: other 2-D", "conv / BN / ReLU / pool: 4-D", "other")
+KINDS = ("maps: 5-D (B, T, K, h, w) tensors", "teacher FC: its weight-sized fc weights (read)",
+         "student FC: its weight-sized fc weights or their gradients", "FC: other 2-D",
+         "conv / BN / ReLU / pool: 4-D", "other")
 
 
-def kind(name: str, shapes: str) -> str:
-    """Which part of the network an op works on, from its input shapes."""
+def big_weights(model: torch.nn.Module) -> set[tuple[int, int]]:
+    """Shapes (and their transposes) of the model's 2-D parameters with >= WEIGHT_SIZED elements."""
+    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2 and p.numel() >= WEIGHT_SIZED}
+    return shapes | {s[::-1] for s in shapes}
+
+
+def kind(name: str, shapes: str, teacher: set, student: set) -> str:
+    """Which part of the network an op works on, from its input shapes (``teacher`` / ``student``:
+    ``big_weights`` of each network)."""
     shapes = eval(shapes)  # noqa: S307 - the profiler's own repr of nested lists of ints
-    dims = [s for s in shapes if isinstance(s, list) and s and all(isinstance(d, int) for d in s)]
+    dims = [tuple(s) for s in shapes if isinstance(s, list) and s and all(isinstance(d, int) for d in s)]
     if any(len(s) == 5 for s in dims):
         return KINDS[0]
     two = [s for s in dims if len(s) == 2]
-    out = two[-2][0] * two[-1][1] if name in ("aten::mm", "aten::addmm") and len(two) >= 2 else 0
-    if any(s[0] * s[1] >= WEIGHT_SIZED for s in two) or out >= WEIGHT_SIZED:
+    if name in ("aten::mm", "aten::addmm") and len(two) >= 2:
+        two.append((two[-2][0], two[-1][1]))  # the product's shape, e.g. a weight gradient
+    if any(s in teacher for s in two):
         return KINDS[1]
+    if any(s in student for s in two):
+        return KINDS[2]
     if any(len(s) == 4 for s in dims):
-        return KINDS[3]
-    return KINDS[2] if two else KINDS[4]
+        return KINDS[4]
+    return KINDS[3] if two else KINDS[5]
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -220,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     kinds = {n: defaultdict(float) for n in args.variants}
     for n in args.variants:
         for (op, shapes), value in results[n]["ops"].items():
-            kinds[n][kind(op, shapes)] += value
+            kinds[n][kind(op, shapes, big_weights(teacher), big_weights(student))] += value
     print(f"\nself CPU ms by the tensors an op works on (difference to {ref_name})")
     print(f"{'kind':66s}" + "".join(f" {n[-22:]:>22s} {'diff':>7s}" for n in args.variants))
     for k in KINDS:
