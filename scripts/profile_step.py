@@ -148,6 +148,41 @@ def kind(name: str, shapes: str, teacher: set, student: set) -> str:
     return KINDS[3] if two else KINDS[5]
 
 
+def weight_op_costs(batch: int, rows: int, repeats: int = 5) -> None:
+    """The FC ops of the maps alone, CPU ms (min over ``repeats``), page faults per call: into a
+    fresh output (as autograd allocates) and into a preallocated one (no page faults)."""
+    def cost(fn) -> tuple[float, float]:
+        fn()
+        times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(repeats):
+            start = time.process_time()
+            fn()
+            times.append(time.process_time() - start)
+        return 1e3 * min(times), (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / repeats
+
+    teacher_w, student_w = torch.randn(4096, 25088), torch.randn(688, 25088)
+    out, out_t = torch.empty(688, 25088), torch.empty(25088, 688)
+    grads, inputs = torch.randn(688, rows), torch.randn(rows, 25088)
+    cases = {
+        f"teacher fc6 forward  [{batch}, 25088] @ W.t() (411 MB read)":
+            (lambda: torch.randn(batch, 25088) @ teacher_w.t(), None),
+        f"teacher fc6 inner gradient  [{rows}, 4096] @ W (411 MB read)":
+            (lambda: torch.randn(rows, 4096) @ teacher_w, None),
+        f"student fc6 weight gradient  [688, {rows}] @ [{rows}, 25088] (69 MB written)":
+            (lambda: torch.mm(grads, inputs), lambda: torch.mm(grads, inputs, out=out)),
+        "student fc6 gradient accumulation  [688, 25088] + [688, 25088]":
+            (lambda: student_w + student_w, lambda: torch.add(student_w, student_w, out=out)),
+        "the same, one operand transposed  [25088, 688] + W.t()":
+            (lambda: out_t + student_w.t(), lambda: torch.add(out_t, student_w.t(), out=out_t)),
+    }
+    print("\nFC ops of the maps alone (CPU ms, minor page faults per call): fresh output | preallocated")
+    for name, (fresh, reused) in cases.items():
+        line = "{:.1f} ms {:.0f} faults".format(*cost(fresh))
+        if reused is not None:
+            line += " | {:.1f} ms {:.0f} faults".format(*cost(reused))
+        print(f"  {name:72s} {line}")
+
+
 def median_run(runs: list[dict]) -> dict:
     """Per phase / op / figure, the median over the profiled steps."""
     keys = {"phases": {k for r in runs for k in r["phases"]}, "ops": {k for r in runs for k in r["ops"]}}
@@ -168,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--teacher", default="vgg16")
     parser.add_argument("--student", default="vgg11_student")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--weight-ops", action="store_true",
+                        help="then time the maps' FC ops alone, fresh vs preallocated output (page faults)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -250,6 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
         for k in diffs:
             a, b = ref["ops"].get(k, 0) / 1e3, ops.get(k, 0) / 1e3
             print(f"{k[0][:28]:28s} {k[1][:70]:70s} {a:8.1f} {b:8.1f} {b - a:+8.1f}")
+    if args.weight_ops:
+        weight_op_costs(args.batch_size, args.batch_size * widest)
     return results
 
 
