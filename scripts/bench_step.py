@@ -25,11 +25,16 @@ parameters included, and again without the parameters' storages ("no params"); o
 peak allocated memory of a step is printed too.
 
 The last line is ``explain/kd time ratio: X  memory ratio: Y`` for the Grad-CAM++ step (the
-training default, closed form) against the CE + KD step.
+training default, closed form) against the CE + KD step. Several ``--batch-size`` values run
+one after the other and end with the time ratios of every variant side by side, per batch size.
+The ``faults`` column is the minor page faults of a step (fresh memory touched; on the CPU,
+glibc maps blocks over 32 MiB fresh at each allocation, so a large gradient tensor costs ~1
+fault per 4 KiB). ``scripts/profile_step.py`` says where the VOC step's extra time goes.
 
 ``--setting voc`` benchmarks the multi-label PASCAL VOC setting instead:
 
     python scripts/bench_step.py --setting voc --batch-size 8 --steps 3 --warmup 1
+    OMP_NUM_THREADS=1 python scripts/bench_step.py --setting voc --batch-size 4 8 16 --steps 2 --warmup 1 --timing cpu
 
 a VGG-16 teacher -> the 11-layer student (``vgg11_student``) on 224 x 224 images with 20-class
 multi-hot targets holding ``1 + Poisson(0.5)`` positives per image (VOC 2007 averages about 1.5),
