@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_step  # noqa: E402
 
+from distill.models import build_model, inspect_network  # noqa: E402
 from distill.tasks import MultilabelTask  # noqa: E402
 
 PHASES = ("teacher backbone", "teacher head", "student backbone", "student head", "teacher maps",
@@ -199,19 +200,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--positives", type=float, default=0.5)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per variant (medians)")
-    parser.add_argument("--variants", nargs="+", default=["CE + KD", "CE + KD + Grad-CAM", "CE + KD + Grad-CAM++"])
+    parser.add_argument("--variants", nargs="+", default=["CE + KD", "CE + KD + Grad-CAM", "CE + KD + Grad-CAM++"],
+                        choices=list(bench_step.VOC_VARIANTS), help="the first is the reference")
     parser.add_argument("--teacher", default="vgg16")
     parser.add_argument("--student", default="vgg11_student")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--student-dropout", type=float, default=None,
+                        help="the student's head dropout (vgg11_student: 0.5); 0 drops the dropout-off map-head pass")
     parser.add_argument("--weight-ops", action="store_true",
-                        help="then time the maps' FC ops alone, fresh vs preallocated output (page faults)")
+                        help="then time the maps' FC ops alone (VGG-16 / vgg11_student shapes), fresh vs "
+                             "preallocated output (page faults)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
     classes = bench_step.VOC_CLASSES
     teacher = bench_step.network(args.teacher, classes, args.image_size).eval().requires_grad_(False)
-    student = bench_step.network(args.student, classes, args.image_size)
+    if args.student_dropout is None:
+        student = bench_step.network(args.student, classes, args.image_size)
+    else:  # dropout 0: a deterministic head, so the maps reuse the training logits (no map-head pass)
+        student = build_model(args.student, classes, dropout=args.student_dropout)
+        inspect_network(student, torch.randn(2, 3, args.image_size, args.image_size))
     gen = torch.Generator().manual_seed(args.seed)
     shape = (args.batch_size, 3, args.image_size, args.image_size)
     labels = [bench_step.multi_hot(args.batch_size, args.positives, gen) for _ in range(args.warmup + args.steps)]
