@@ -246,7 +246,7 @@ def minor_faults() -> int:
     """Minor page faults of this process so far (0 where ``resource`` is missing)."""
     try:
         import resource
-    except ImportError:  # not on Windows
+    except ImportError:  # Windows has no resource module
         return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
