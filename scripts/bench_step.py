@@ -25,11 +25,16 @@ parameters included, and again without the parameters' storages ("no params"); o
 peak allocated memory of a step is printed too.
 
 The last line is ``explain/kd time ratio: X  memory ratio: Y`` for the Grad-CAM++ step (the
-training default, closed form) against the CE + KD step.
+training default, closed form) against the CE + KD step. Several ``--batch-size`` values run
+one after the other and end with the time ratios of every variant side by side, per batch size.
+The ``faults`` column is the minor page faults of a step (fresh memory touched; on the CPU,
+glibc maps blocks over 32 MiB fresh at each allocation, so a large gradient tensor costs ~1
+fault per 4 KiB). ``scripts/profile_step.py`` says where the VOC step's extra time goes.
 
 ``--setting voc`` benchmarks the multi-label PASCAL VOC setting instead:
 
     python scripts/bench_step.py --setting voc --batch-size 8 --steps 3 --warmup 1
+    OMP_NUM_THREADS=1 python scripts/bench_step.py --setting voc --batch-size 4 8 16 --steps 2 --warmup 1 --timing cpu
 
 a VGG-16 teacher -> the 11-layer student (``vgg11_student``) on 224 x 224 images with 20-class
 multi-hot targets holding ``1 + Poisson(0.5)`` positives per image (VOC 2007 averages about 1.5),
@@ -97,7 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="voc: VGG-16 -> vgg11_student, 224 x 224, multi-label (defaults below change)")
     parser.add_argument("--teacher", default=None, help="default wrn40_2 (voc: vgg16), or timm:<arch>")
     parser.add_argument("--student", default=None, help="default wrn16_2 (voc: vgg11_student); or timm:/torchvision:")
-    parser.add_argument("--batch-size", type=int, default=None, help="default 128 (voc: 8)")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=None,
+                        help="default 128 (voc: 8); several (4 8 16): one run each, ratios side by side at the end")
     parser.add_argument("--image-size", type=int, default=None, help="default 32 (voc: 224)")
     parser.add_argument("--positives", type=float, default=0.5,
                         help="voc: positives per image are 1 + Poisson(this), mean 1.5 as in VOC 2007")
@@ -112,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     voc = args.setting == "voc"
     defaults = {"teacher": ("wrn40_2", "vgg16"), "student": ("wrn16_2", "vgg11_student"),
-                "batch_size": (128, 8), "image_size": (32, 224)}
+                "batch_size": ([128], [8]), "image_size": (32, 224)}
     for key, (cifar, voc_value) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, voc_value if voc else cifar)
@@ -148,6 +154,7 @@ class Step:
             self.module.train()
         self.times: list[float] = []  # wall-clock seconds
         self.cpu_times: list[float] = []  # CPU seconds of this process (all threads)
+        self.faults: list[int] = []  # minor page faults (fresh memory touched)
 
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
         if self.module is None:
@@ -210,20 +217,49 @@ def peak_bytes(step: Step, x: Tensor, y: Tensor, autocast, device: torch.device)
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+def main(argv: list[str] | None = None) -> dict:
+    """Results per variant for one ``--batch-size``; ``{batch size: results}`` for several."""
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     torch.manual_seed(args.seed)
-    voc = args.setting == "voc"
-    classes = VOC_CLASSES if voc else 10
+    classes = VOC_CLASSES if args.setting == "voc" else 10
     teacher = network(args.teacher, classes, args.image_size).to(device).eval().requires_grad_(False)
     student = network(args.student, classes, args.image_size).to(device)
     print(f"map paths: teacher {network_spec(teacher).path}, student {network_spec(student).path}")
+    by_batch = {}
+    for batch_size in args.batch_size:
+        by_batch[batch_size] = run(args, batch_size, teacher, student, device)
+        print()
+    if len(by_batch) > 1:
+        key = TIMINGS[args.timing]
+        names = [name for name in next(iter(by_batch.values())) if name != REFERENCE]
+        print(f"x CE + KD ({args.timing} step time) by batch size")
+        print(f"{'batch':>5s}" + "".join(f" {name.removeprefix('CE + KD + '):>26s}" for name in names))
+        for batch_size, results in by_batch.items():
+            ref = results[REFERENCE][key]
+            print(f"{batch_size:5d}" + "".join(f" {results[name][key] / ref:26.3f}" for name in names))
+        return by_batch
+    return next(iter(by_batch.values()))
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # Windows has no resource module
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def run(args: argparse.Namespace, batch_size: int, teacher: nn.Module, student: nn.Module,
+        device: torch.device) -> dict[str, dict[str, float]]:
+    """Every variant on the same ``batch_size`` batches; prints the table and returns its rows."""
+    voc = args.setting == "voc"
     gen = torch.Generator().manual_seed(args.seed)
-    shape = (args.batch_size, 3, args.image_size, args.image_size)
-    labels = [multi_hot(args.batch_size, args.positives, gen) if voc else
-              torch.randint(0, 10, (args.batch_size,), generator=gen) for _ in range(args.warmup + args.steps)]
+    shape = (batch_size, 3, args.image_size, args.image_size)
+    labels = [multi_hot(batch_size, args.positives, gen) if voc else
+              torch.randint(0, 10, (batch_size,), generator=gen) for _ in range(args.warmup + args.steps)]
     batches = [(torch.randn(shape, generator=gen).to(device), y.to(device)) for y in labels]
     if voc:
         widest = max(int(y.sum(dim=1).max()) for y in labels)
@@ -241,9 +277,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     else:
         autocast = contextlib.nullcontext
 
-
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"{args.teacher} -> {args.student}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
+    print(f"{args.teacher} -> {args.student}, batch {batch_size}, {args.image_size}x{args.image_size}, "
           f"precision {args.precision}, device {device} ({where}), torch {torch.__version__}")
     print(f"{args.warmup} warm-up + {args.steps} timed steps per variant, round-robin")
 
@@ -251,12 +286,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         order = steps[i % len(steps):] + steps[: i % len(steps)]
         for step in order:
             synchronize(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
+            start, cpu_start, faults = time.perf_counter(), time.process_time(), minor_faults()
             step(x, y, autocast)
             synchronize(device)
             if i >= args.warmup:
                 step.times.append(time.perf_counter() - start)
                 step.cpu_times.append(time.process_time() - cpu_start)
+                step.faults.append(minor_faults() - faults)
 
     x, y = batches[0]
     results: dict[str, dict[str, float]] = {}
@@ -265,6 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             "time_s": statistics.median(step.times),
             "min_time_s": min(step.times),
             "cpu_time_s": statistics.median(step.cpu_times),
+            "page_faults": statistics.median(step.faults),
             "saved_bytes": saved_bytes(step, x, y, autocast),
             # Without the parameters: VGG-16's FC head (119 M parameters) is saved by the teacher's
             # map gradient, but it is memory the teacher holds anyway.
@@ -276,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     ref = results[REFERENCE]
     header = (f"{'step':34s} {'median ms':>9s} {'x KD':>6s} {'min ms':>9s} {'x KD':>6s} {'cpu ms':>9s} "
-              f"{'x KD':>6s} {'saved MiB':>10s} {'x KD':>6s} {'no params':>10s} {'x KD':>6s}")
+              f"{'x KD':>6s} {'saved MiB':>10s} {'x KD':>6s} {'no params':>10s} {'x KD':>6s} {'faults':>8s}")
     has_peak = "peak_bytes" in ref
     if has_peak:
         header += f" {'peak MiB':>9s} {'x KD':>6s}"
@@ -286,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         line = (f"{name:34s} {line}"
                 f"{r['saved_bytes'] / 2**20:10.1f} {r['saved_bytes'] / ref['saved_bytes']:6.3f} "
                 f"{r['saved_bytes_no_params'] / 2**20:10.1f} "
-                f"{r['saved_bytes_no_params'] / ref['saved_bytes_no_params']:6.3f}")
+                f"{r['saved_bytes_no_params'] / ref['saved_bytes_no_params']:6.3f} {r['page_faults']:8.0f}")
         if has_peak:
             line += f" {r['peak_bytes'] / 2**20:9.1f} {r['peak_bytes'] / ref['peak_bytes']:6.3f}"
         print(line)
