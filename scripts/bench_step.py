@@ -40,8 +40,8 @@ a VGG-16 teacher -> the 11-layer student (``vgg11_student``) on 224 x 224 images
 multi-hot targets holding ``1 + Poisson(0.5)`` positives per image (VOC 2007 averages about 1.5),
 BCE + multi-label KD, and maps for every positive (``(B, T)`` targets, -1 padding). The VGG
 heads have hidden FC layers, so every map goes through autograd. ``T`` is the largest number of
-positives in the benchmark's batches (``data.max_map_targets`` = that count) for the headline
-row, and all 20 classes (``data.max_map_targets=null``, the default) for the last row.
+positives in the benchmark's batches (``task.max_map_targets`` = that count) for the headline
+row, and all 20 classes (``task.max_map_targets=null``, the default) for the last row.
 """
 
 from __future__ import annotations

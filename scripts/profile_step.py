@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_step  # noqa: E402
 
-from distill.models import build_model, inspect_network  # noqa: E402
+from distill.explain import inspect_network  # noqa: E402
+from distill.models import build_model  # noqa: E402
 from distill.tasks import MultilabelTask  # noqa: E402
 
 PHASES = ("teacher backbone", "teacher head", "student backbone", "student head", "teacher maps",
