@@ -1,0 +1,66 @@
+"""Every ``python train.py ...`` command the README shows composes and passes the config schema
+(the first value of each sweep; placeholders such as DIR replaced by a folder), so a renamed key or
+option never leaves the README behind."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import pytest
+
+from distill.config_schema import check_config, check_model_options, check_overrides
+from tests.support import REPO, compose_config
+
+MISTAKES = {"python train.py teacher=wrn99"}  # shown as examples of a mistake and its message
+PLACEHOLDER = re.compile(r"^(?P<key>[\w.]+)=(DIR|PATH|N|/datasets/\S+|/tmp/data/\S+)$")
+
+
+def readme_commands() -> list[str]:
+    """The train.py commands of the README: code spans and code blocks, backslash lines joined."""
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    spans = re.findall(r"`(python train\.py[^`]*)`", text)
+    lines = [line.split("  #")[0].strip() for line in text.splitlines() if line.strip().startswith("python train.py")]
+    return sorted({c.strip() for c in spans + lines})
+
+
+def overrides(command: str, root) -> list[str] | None:
+    """The overrides of one command for ``compose``, or None for a command that is not a plain run
+    (``--help``, ``--cfg``, ``resume=``, elisions, launchers that need their plugin)."""
+    args = shlex.split(command)[2:]
+    if command in MISTAKES or any(a.startswith(("--", "resume=", "hydra/launcher", "hydra.launcher", "["))
+                                  or "..." in a for a in args):
+        return None
+    out = []
+    for arg in args:
+        if arg == "-m":
+            continue
+        match = PLACEHOLDER.match(arg)
+        key, _, value = arg.partition("=")
+        if match:
+            value = str(root) if key.endswith("root") else "3"
+        out.append(f"{key}={value.split(',')[0]}")
+    return out
+
+
+def test_the_readme_shows_the_main_commands():
+    commands = readme_commands()
+    assert "python train.py teacher=wrn40_2 explain=gradcampp" in commands
+    assert len([c for c in commands if overrides(c, "/x") is not None]) >= 15
+
+
+@pytest.mark.parametrize("command", [c for c in readme_commands() if overrides(c, "/x") is not None])
+def test_every_readme_command_composes_and_passes_the_schema(tmp_path, command):
+    args = overrides(command, tmp_path)
+    check_overrides(args)
+    cfg = compose_config(tmp_path, args)
+    check_config(cfg)
+    check_model_options(cfg)
+
+
+def test_the_readme_mistake_examples_are_mistakes(tmp_path):
+    from hydra.errors import MissingConfigException
+
+    assert MISTAKES <= set(readme_commands())
+    with pytest.raises(MissingConfigException, match="Could not find 'teacher/wrn99'"):
+        compose_config(tmp_path, ["teacher=wrn99"])
