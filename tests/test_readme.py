@@ -4,6 +4,7 @@ option never leaves the README behind."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 
@@ -24,23 +25,23 @@ def readme_commands() -> list[str]:
     return sorted({c.strip() for c in spans + lines})
 
 
-def overrides(command: str, root) -> list[str] | None:
-    """The overrides of one command for ``compose``, or None for a command that is not a plain run
-    (``--help``, ``--cfg``, ``resume=``, elisions, launchers that need their plugin)."""
+def overrides(command: str, root) -> list[list[str]] | None:
+    """The overrides of every job of one command (each combination of a ``-m`` sweep's values),
+    or None for a command that is not a plain run (``--help``, ``--cfg``, ``resume=``, elisions,
+    launchers that need their plugin)."""
     args = shlex.split(command)[2:]
     if command in MISTAKES or any(a.startswith(("--", "resume=", "hydra/launcher", "hydra.launcher", "["))
                                   or "..." in a for a in args):
         return None
-    out = []
+    choices = []
     for arg in args:
         if arg == "-m":
             continue
-        match = PLACEHOLDER.match(arg)
         key, _, value = arg.partition("=")
-        if match:
+        if PLACEHOLDER.match(arg):
             value = str(root) if key.endswith("root") else "3"
-        out.append(f"{key}={value.split(',')[0]}")
-    return out
+        choices.append([f"{key}={v}" for v in value.split(",")])
+    return [list(job) for job in itertools.product(*choices)]
 
 
 def test_the_readme_shows_the_main_commands():
@@ -51,11 +52,11 @@ def test_the_readme_shows_the_main_commands():
 
 @pytest.mark.parametrize("command", [c for c in readme_commands() if overrides(c, "/x") is not None])
 def test_every_readme_command_composes_and_passes_the_schema(tmp_path, command):
-    args = overrides(command, tmp_path)
-    check_overrides(args)
-    cfg = compose_config(tmp_path, args)
-    check_config(cfg)
-    check_model_options(cfg)
+    for args in overrides(command, tmp_path):
+        check_overrides(args)
+        cfg = compose_config(tmp_path, args)
+        check_config(cfg)
+        check_model_options(cfg)
 
 
 def test_the_readme_mistake_examples_are_mistakes(tmp_path):
