@@ -296,6 +296,7 @@ SHORT = ("trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit
          "~callbacks.explanation_panel")
 
 
+@pytest.mark.slow
 def test_teacher_and_student_compile_from_config(tmp_path, smoke_cfg, compile_calls):
     """teacher.compile=true / student.compile=true through distill.run: the backbones, not the heads."""
     from distill import run as run_module
@@ -308,6 +309,7 @@ def test_teacher_and_student_compile_from_config(tmp_path, smoke_cfg, compile_ca
     assert torch.isfinite(torch.tensor(result["metrics"]["train/loss"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [("stage=teacher",), ("kd=at",)], ids=["teacher", "kd=at"])  # baseline ~ teacher
 def test_compile_applies_in_every_stage_and_with_attention_transfer(tmp_path, smoke_cfg, compile_calls, overrides):
     from distill import run as run_module
