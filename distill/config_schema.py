@@ -260,6 +260,8 @@ class Optim(Strict):
 
 # ------------------------------------------------------------------------------------------- trainer
 Batches = Annotated[int, Field(ge=0)] | Fraction | None
+DeviceList = Annotated[str, Field(pattern=r"^\s*(-1|\d+(\s*,\s*\d+)*\s*,?)\s*$",  # Lightning's "2", "0,1", "1,"
+                                  description="device indices as a string, e.g. '0,1'")]
 
 
 class Trainer(Strict):
@@ -268,7 +270,7 @@ class Trainer(Strict):
     target: str = Field(alias="_target_")
     accelerator: str = "auto"
     strategy: Any = None
-    devices: PosInt | Literal[-1] | str | list[NonNegInt] = 1
+    devices: PosInt | Literal[-1, "auto"] | DeviceList | list[NonNegInt] = 1
     num_nodes: PosInt = 1
     precision: str | int = "32-true"
     max_epochs: PosInt
@@ -462,7 +464,7 @@ def _describe(annotation: Any, metadata: list = ()) -> str:
     """What a field allows, in words: ``a number > 0``, ``one of 'label', 'teacher_pred'``, ..."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Annotated:
-        extra = [m for a in args[1:] for m in (getattr(a, "metadata", None) or [a])]
+        extra = [m for a in args[1:] for m in [a, *(getattr(a, "metadata", None) or [])]]
         return _describe(args[0], [*metadata, *extra])
     if origin in (Union, types.UnionType):
         options = [a for a in args if a is not type(None)]
@@ -476,6 +478,9 @@ def _describe(annotation: Any, metadata: list = ()) -> str:
         return "a mapping"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return f"a mapping with the keys {', '.join(_keys(annotation))}"
+    described = [m.description for m in metadata if getattr(m, "description", None)]
+    if described:
+        return described[0]
     name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(annotation, "any value")
     bounds = {annotated_types.Gt: (">", "gt"), annotated_types.Ge: (">=", "ge"), annotated_types.Lt: ("<", "lt"),
               annotated_types.Le: ("<=", "le")}

@@ -375,6 +375,7 @@ def test_every_shipped_option_passes_the_schema(group, option, tmp_path):
         ("loss.dkd_warmup=-1", "loss.dkd_warmup=-1", "an integer >= 0"),
         ("trainer.max_epochs=abc", "trainer.max_epochs='abc'", "an integer >= 1"),
         ("trainer.max_epochs=0", "trainer.max_epochs=0", "an integer >= 1"),
+        ("trainer.devices=abc", "trainer.devices='abc'", "one of -1, 'auto' or device indices as a string, e.g. '0,1'"),
         ("seed=abc", "seed='abc'", "an integer >= 0"),
         ("optim.optimizer.lr=-0.1", "optim.optimizer.lr=-0.1", "a number >= 0"),
         ("data.batch_size=0", "data.batch_size=0", "an integer >= 1"),
