@@ -122,13 +122,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def recorded_options(hparams: dict[str, Any]) -> dict[str, Any]:
-    """The model options a checkpoint's config records for its network (``teacher`` for a
-    teacher, else ``student``), with downloads switched off: the weights come from the file."""
+    """The model options a checkpoint records for its network, with downloads switched off (the
+    weights come from the file): from the module's saved build spec (``model`` / ``student``), or
+    for a file written otherwise from the run's config node of the same name."""
     from distill.models import model_options
 
-    config = hparams.get("config") or {}
-    node = config.get("teacher" if hparams.get("stage") == "teacher" else "student") or {}
-    return model_options(node, weights_from_checkpoint=True) if node.get("name") == hparams.get("model_name") else {}
+    spec = hparams.get("model") or hparams.get("student")
+    if isinstance(spec, dict) and spec.get("name") == hparams.get("model_name"):
+        node = {k: v for k, v in spec.items() if k not in ("num_classes", "checkpoint")}
+    else:
+        config = hparams.get("config") or {}
+        node = config.get("teacher" if hparams.get("stage") == "teacher" else "student") or {}
+        node = node if node.get("name") == hparams.get("model_name") else {}
+    return model_options(node, weights_from_checkpoint=True)
 
 
 def load_network(path: str | Path, what: str = "checkpoint", trusted: bool = False, *,

@@ -305,7 +305,7 @@ class DistillModule(ClassifierModule):
                 f"teacher has {teacher.num_classes} classes but the student has "
                 f"{student.num_classes}: train both for the same data"
             )
-        if weights.dkd_alpha + weights.dkd_beta > 0 and self.task.name != "multiclass":
+        if weights.dkd_alpha + weights.dkd_beta > 0 and self.task.multilabel:
             raise ConfigError(f"kd=dkd needs one label per image; the {self.task.name} task has none: use kd=hinton")
         for role, model in (("teacher", teacher), ("student", student)):
             require_network(model, role, type(model).__name__, stages=weights.at > 0)

@@ -267,3 +267,22 @@ def test_vgg_option_checks():
         vgg16(20, finetune="last")
     with pytest.raises(ConfigError, match="width=1"):
         vgg16(20, pretrained=True, width=0.5)
+
+
+def test_a_checkpoint_rebuilds_its_network_from_the_saved_build_spec(tmp_path):
+    """The module records build_model's arguments (here a narrow VGG student): load_network rebuilds
+    exactly that network, although the run's config node names none of its options."""
+    from distill.checkpoints import load_network
+    from distill.module import ClassifierModule
+
+    spec = {"name": "vgg11_student", "num_classes": 20, "width": 0.0625, "hidden": 16}
+    module = ClassifierModule(spec, model_name="vgg11_student", num_classes=20, stage="baseline",
+                              config={"student": {"name": "vgg11_student"}})
+    assert module.hparams["model"] == spec
+    path = tmp_path / "student.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in module.model.state_dict().items()},
+                "hyper_parameters": dict(module.hparams)}, path)
+    model, hparams = load_network(path)
+    assert hparams["stage"] == "baseline"
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(model.eval()(x), module.model.eval()(x), rtol=0, atol=0)
