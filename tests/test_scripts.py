@@ -86,6 +86,7 @@ def test_evaluate_a_distilled_student_with_its_recorded_teacher(trained, tmp_pat
     assert m["map_cosine"] == pytest.approx(trained_metrics["test/map_cosine"], abs=1e-4)
     table = (tmp_path / "evaluation.md").read_text()
     assert "| student wrn16_1 |" in table and "| teacher wrn16_2 |" in table and "top-1 agreement %" in table
+    assert "map cosine (Grad-CAM++, class: label)" in table and result["similarity_method"] == "gradcampp"
     assert "Grid pointing game, 2x2 grids" in table and "| LayerCAM |" in table
     assert "| student wrn16_1 |" in proc.stdout and "Partial" not in table  # the table on screen; all 64 images
     assert "evaluate (test)" in proc.stderr and "2/2" in proc.stderr  # the progress bar (2 batches of 32)

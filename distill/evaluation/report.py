@@ -33,6 +33,11 @@ METHOD_NAMES = {"cam": "CAM", "gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", 
                 "xgradcam": "XGrad-CAM", "layercam": "LayerCAM"}
 
 
+def _similarity_method(result: dict) -> str:
+    """The name of the method whose maps the teacher-student cosine compares (``eval_method``)."""
+    return METHOD_NAMES.get(result.get("similarity_method", "gradcampp"), result.get("similarity_method"))
+
+
 # --------------------------------------------------------------------------- markdown
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table; first column left-aligned, the others right-aligned."""
@@ -86,7 +91,8 @@ def multilabel_markdown(result: dict) -> str:
         lines += [f"Teacher: `{teacher['checkpoint']}`.", "",
                   markdown_table(["teacher vs student", "value"],
                                  [["agreement % (same logit > 0 decision, per class)", _fmt(m.get("agreement_pct"))],
-                                  ["map cosine (Grad-CAM++, every positive class)", _fmt(m.get("map_cosine"), 4)]])]
+                                  [f"map cosine ({_similarity_method(result)}, every positive class)",
+                                   _fmt(m.get("map_cosine"), 4)]])]
     lines += ["Conventions:", ""]
     lines += [f"- `{k}`: {v}" for k, v in sorted(result.get("conventions", {}).items())]
     return "\n".join(lines) + "\n"
@@ -133,7 +139,8 @@ def evaluation_markdown(result: dict) -> str:
             markdown_table(
                 ["teacher vs student", "value"],
                 [["top-1 agreement %", _fmt(m.get("agreement_pct"))],
-                 [f"map cosine (Grad-CAM++, class: {result['similarity_target']})", _fmt(m.get("map_cosine"), 4)]],
+                 [f"map cosine ({_similarity_method(result)}, class: {result['similarity_target']})",
+                  _fmt(m.get("map_cosine"), 4)]],
             ),
         ]
     else:

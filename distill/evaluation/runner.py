@@ -375,7 +375,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return _write_result(cfg, session, metrics, {
         "pointing_game": game, "split": split, "split_size": len(_dataset(session, split)),
         "partial": metrics["num_images"] < len(_dataset(session, split)), "limit_batches": limit,
-        "similarity_target": similarity, "conventions": CONVENTIONS})
+        "similarity_target": similarity, "similarity_method": cfg.eval_method, "conventions": CONVENTIONS})
 
 
 def visualize(cfg: DictConfig) -> Path:
