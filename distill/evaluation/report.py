@@ -38,6 +38,16 @@ def _similarity_method(result: dict) -> str:
     return METHOD_NAMES.get(result.get("similarity_method", "gradcampp"), result.get("similarity_method"))
 
 
+def _faithfulness_cells(m: dict, prefix: str) -> list[str]:
+    """Average Drop / Increase in Confidence of Grad-CAM and Grad-CAM++, then the Win %, of the
+    model whose metric keys start with ``prefix`` (``""`` or ``teacher/``)."""
+    cells = []
+    for method in ("gradcam", "gradcampp"):
+        cells += [_fmt(m.get(f"{prefix}{method}/average_drop_pct")),
+                  _fmt(m.get(f"{prefix}{method}/increase_in_confidence_pct"))]
+    return [*cells, _fmt(m.get(f"{prefix}win_gradcampp_vs_gradcam_pct"))]
+
+
 # --------------------------------------------------------------------------- markdown
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table; first column left-aligned, the others right-aligned."""
@@ -75,13 +85,8 @@ def multilabel_markdown(result: dict) -> str:
     headers += ["Win % Grad-CAM++ vs Grad-CAM", *[f"Loc % Grad-CAM++ (delta {d:g})" for d in deltas]]
 
     def row(label: str, prefix: str) -> list[str]:
-        cells = [label, _fmt(m.get(f"{prefix}{score}"), 4)]
-        for method in ("gradcam", "gradcampp"):
-            cells += [_fmt(m.get(f"{prefix}{method}/average_drop_pct")),
-                      _fmt(m.get(f"{prefix}{method}/increase_in_confidence_pct"))]
-        cells.append(_fmt(m.get(f"{prefix}win_gradcampp_vs_gradcam_pct")))
-        cells += [_fmt(m.get(f"{prefix}loc{round(100 * d):02d}_pct")) for d in deltas]
-        return cells
+        return [label, _fmt(m.get(f"{prefix}{score}"), 4), *_faithfulness_cells(m, prefix),
+                *(_fmt(m.get(f"{prefix}loc{round(100 * d):02d}_pct")) for d in deltas)]
 
     rows = [row(f"{'student' if teacher else 'model'} {model['name']}", "")]
     if teacher:
@@ -121,12 +126,7 @@ def evaluation_markdown(result: dict) -> str:
     headers.append("Win % Grad-CAM++ vs Grad-CAM")
 
     def row(label: str, prefix: str) -> list[str]:
-        cells = [label, _fmt(m.get(f"{prefix}accuracy_pct"))]
-        for method in ("gradcam", "gradcampp"):
-            cells += [_fmt(m.get(f"{prefix}{method}/average_drop_pct")),
-                      _fmt(m.get(f"{prefix}{method}/increase_in_confidence_pct"))]
-        cells.append(_fmt(m.get(f"{prefix}win_gradcampp_vs_gradcam_pct")))
-        return cells
+        return [label, _fmt(m.get(f"{prefix}accuracy_pct")), *_faithfulness_cells(m, prefix)]
 
     rows = [row(f"{'student' if teacher else 'model'} {model['name']}", "")]
     if teacher:
