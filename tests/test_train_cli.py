@@ -59,7 +59,8 @@ def test_smoke_trains_missing_teacher_then_distills(tmp_path):
 def test_every_explain_and_kd_combination_as_one_multirun(smoke_teacher, tmp_path):
     proc = run_train(
         ["-m", "experiment=smoke", "logger=csv", f"teacher.checkpoint={smoke_teacher}",
-         "explain=none,gradcam,gradcampp", "kd=none,hinton,at,at_hinton", "trainer.max_epochs=1"],
+         "explain=none,gradcam,gradcampp", "kd=none,hinton,at,at_hinton", "trainer.max_epochs=1",
+         "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"],
         tmp_path, timeout=600,
     )
     assert_ok(proc)
