@@ -234,7 +234,8 @@ def test_pairs_distill_through_train_py(pair, tmp_path):
     from tests.support import run_train
 
     proc = run_train(["experiment=smoke", "logger=none", "explain=gradcampp", "kd=hinton", "data.image_size=32",
-                      "trainer.max_epochs=1", *PAIRS[pair]], tmp_path)
+                      "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.num_sanity_val_steps=0",
+                      "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", *PAIRS[pair]], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (path,) = (tmp_path / "logs").rglob("metrics.json")
     metrics = json.loads(path.read_text())["metrics"]
