@@ -1,12 +1,13 @@
 """Where the time of one VOC (multi-label) distillation step goes: CE + KD against explanation steps.
 
-    OMP_NUM_THREADS=1 python scripts/profile_step.py --batch-size 4
+    OMP_NUM_THREADS=1 python scripts/profile_step.py --batch-size 4 --weight-ops
     OMP_NUM_THREADS=1 python scripts/profile_step.py --batch-size 8 --variants "CE + KD" "CE + KD + Grad-CAM++"
 
 The same networks, targets and steps as ``bench_step.py --setting voc`` (VGG-16 -> vgg11_student
 at 224 x 224, ``1 + Poisson(0.5)`` positives, ``T`` = the batches' largest count). Each variant
-runs ``--warmup`` untimed steps, then one step under ``torch.profiler`` (CPU). Every op's self
-CPU time is charged to a phase:
+runs ``--warmup`` untimed steps, then ``--steps`` steps, each under ``torch.profiler`` (CPU),
+round-robin with the other variants; the figures are medians. Every op's self CPU time is
+charged to a phase:
 
 - forward: the innermost ``record_function`` label around it (teacher / student backbone and
   head, the maps of each network, the rest of the loss terms);
@@ -16,11 +17,11 @@ CPU time is charged to a phase:
 The profiler's durations are wall-clock; on a shared CPU they are scaled per step to the
 step's CPU time (the factor is printed). The tables: the phases, per variant, with the
 difference to the first variant; the same time by the tensors an op works on (5-D map
-tensors, a weight-sized 2-D tensor: the FC weights or their gradients, other 2-D, 4-D
-conv activations); the ops (name and input shapes) whose self CPU time differs most. The FC
-layers are recognisable by their shapes (VGG-16's fc6 weight is ``[4096, 25088]``, the
-student's ``[688, 25088]``). The minor page faults per step count fresh memory touched (a
-new 69 MB student fc6 gradient is ~17 k of them).
+tensors; the teacher's and the student's weight-sized 2-D tensors: their FC weights or the
+gradients of these; other 2-D; 4-D conv activations); the ops (name and input shapes) whose
+self CPU time differs most. The FC layers are recognisable by their shapes (VGG-16's fc6
+weight is ``[4096, 25088]``, the student's ``[688, 25088]``). The minor page faults per step
+count fresh memory touched (a new 69 MB student fc6 gradient is ~17 k of them).
 """
 
 from __future__ import annotations
