@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
@@ -43,3 +44,28 @@ def run_train(args: list[str], tmp_path: Path, timeout: float = 300) -> subproce
     cmd = [sys.executable, str(REPO / "train.py"), *args, f"paths.log_dir={tmp_path}/logs",
            f"paths.data_dir={tmp_path}/data"]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+class PooledLinear(nn.Module):
+    """A hand-built network whose maps are known: explained activations = the image, logits =
+    ``W mean(A) + b`` (a pool + linear head, so closed-form maps). ``bias=None``: no bias."""
+
+    def __init__(self, weight, bias=None):
+        super().__init__()
+        import torch
+
+        self.fc = nn.Linear(len(weight[0]), len(weight), bias=bias is not None)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+            if bias is not None:
+                self.fc.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+        self.num_classes = len(weight)
+
+    def forward_features(self, x):
+        return x * 1.0
+
+    def forward_head(self, a):
+        return self.fc(a.mean(dim=(2, 3)))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from distill.evaluation import faithfulness as F
 from distill.evaluation.grid import explanation_grid, figure_array, save_figure
 from distill.evaluation.report import summarize_multirun
 from distill.explain import inspect_network, use_general_path
 from distill.losses import map_cosine
+from tests.support import PooledLinear
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,27 +35,6 @@ def one_thread():
 
 def sig(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
-
-
-class Tiny(nn.Module):
-    """Explained activations = the image; logits = W mean(A) + b (a pool + linear head: closed-form maps)."""
-
-    def __init__(self, weight, bias):
-        super().__init__()
-        self.fc = nn.Linear(len(weight[0]), len(weight))
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.tensor(weight, dtype=torch.float32))
-            self.fc.bias.copy_(torch.tensor(bias, dtype=torch.float32))
-        self.num_classes = len(weight)
-
-    def forward_features(self, x):
-        return x * 1.0
-
-    def forward_head(self, a):
-        return self.fc(a.mean(dim=(2, 3)))
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
 
 
 def image(a0, a1):
@@ -123,7 +102,7 @@ def test_agreement_and_map_cosine_by_hand():
 # --------------------------------------------------------------------------- a tiny model
 @pytest.mark.parametrize("path", ["linear", "general"])
 def test_faithfulness_of_a_tiny_model_by_hand(path):
-    model = Tiny(*STUDENT).eval()
+    model = PooledLinear(*STUDENT).eval()
     spec = inspect_network(model, BATCH) if path == "linear" else use_general_path(model, BATCH)
     assert spec.path == path  # the closed form and the autograd path give the same hand-worked scores
     scores = F.faithfulness_scores(model, BATCH)
@@ -145,7 +124,7 @@ def test_faithfulness_of_a_tiny_model_by_hand(path):
 def test_increase_in_confidence_of_a_tiny_model_by_hand():
     # class 0 = mean(A0) - mean(A1), class 1 = -1; A0 = [[4,0],[0,0]], A1 = [[0,0],[0,4]]:
     # logits [0, -1], Y = sig(1); map = ReLU(A0 - A1)/4 -> [[1,0],[0,0]] removes A1: O = sig(2).
-    model = Tiny([[1.0, -1.0], [0.0, 0.0]], [0.0, -1.0]).eval()
+    model = PooledLinear([[1.0, -1.0], [0.0, 0.0]], [0.0, -1.0]).eval()
     x = image([[4, 0], [0, 0]], [[0, 0], [0, 4]])[None]
     scores = F.faithfulness_scores(model, x)
     for method in ("gradcam", "gradcampp"):
@@ -154,9 +133,9 @@ def test_increase_in_confidence_of_a_tiny_model_by_hand():
 
 
 def test_evaluate_batch_with_a_teacher_by_hand():
-    student = Tiny(*STUDENT).eval()
+    student = PooledLinear(*STUDENT).eval()
     # Teacher: class 0 = mean(A0), class 1 = 1.1: predicts 0 on sample 1 (1.5) and 1 on sample 2 (1.0).
-    teacher = Tiny([[1.0, 0.0], [0.0, 0.0]], [0.0, 1.1]).eval()
+    teacher = PooledLinear([[1.0, 0.0], [0.0, 0.0]], [0.0, 1.1]).eval()
     labels = torch.tensor([0, 1])
     scores = F.evaluate_batch(student, BATCH, labels, teacher=teacher, explain_teacher=True)
     assert scores["accuracy"].tolist() == [1.0, 0.0]  # the student predicts 0 twice
@@ -180,7 +159,7 @@ def test_accumulator_means_over_batches_of_different_sizes():
 
 
 def test_per_batch_path_does_not_synchronise_with_the_host(monkeypatch):
-    student, teacher = Tiny(*STUDENT).eval(), Tiny([[1.0, 0.0], [0.0, 0.0]], [0.0, 1.1]).eval()
+    student, teacher = PooledLinear(*STUDENT).eval(), PooledLinear([[1.0, 0.0], [0.0, 0.0]], [0.0, 1.1]).eval()
     for model in (student, teacher):  # measuring the head (once, when a model is loaded) may synchronise
         inspect_network(model, BATCH)
     acc = F.ScoreAccumulator()
@@ -198,8 +177,8 @@ def test_per_batch_path_does_not_synchronise_with_the_host(monkeypatch):
 # --------------------------------------------------------------------------- the grid
 def test_grid_has_the_expected_pixel_size_and_is_not_blank(tmp_path):
     torch.manual_seed(0)
-    student = Tiny(torch.randn(4, 3).tolist(), [0.0] * 4).eval()
-    teacher = Tiny(torch.randn(4, 3).tolist(), [0.0] * 4).eval()
+    student = PooledLinear(torch.randn(4, 3).tolist(), [0.0] * 4).eval()
+    teacher = PooledLinear(torch.randn(4, 3).tolist(), [0.0] * 4).eval()
     images, labels = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2])
     fig = explanation_grid(student, images, labels, mean=[0.5] * 3, std=[0.25] * 3, teacher=teacher,
                            class_names=["a", "b", "c", "d"], cell_px=48, dpi=50)

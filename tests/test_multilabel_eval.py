@@ -14,10 +14,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from distill.evaluation.multilabel import evaluate_multilabel_batch, positive_targets
-from tests.support import CONFIG_DIR, run_train
+from tests.support import CONFIG_DIR, PooledLinear, run_train
 from tests.tiny_datasets import make_voc_tree
 
 
@@ -25,21 +24,9 @@ def sig(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
 
-class Identity2(nn.Module):
-    def __init__(self, channels: int = 2):
-        super().__init__()
-        self.fc = nn.Linear(channels, 2, bias=False)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.eye(2, channels))
-
-    def forward_features(self, x):
-        return x * 1.0
-
-    def forward_head(self, a):
-        return self.fc(a.mean(dim=(2, 3)))
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
+def identity2(channels: int = 2) -> PooledLinear:
+    """Two classes, class c's logit = the mean of channel c (no bias)."""
+    return PooledLinear(torch.eye(2, channels).tolist())
 
 
 def test_positive_targets_pad_with_minus_one():
@@ -56,7 +43,7 @@ def test_multilabel_scores_by_hand():
     # One box of class 0 in image 1 around pixel (0, 0); none of class 1 anywhere.
     boxes = torch.tensor([[[0.0, 0.0, 1.0, 1.0]], [[0.0, 0.0, 0.0, 0.0]]])
     box_labels, difficult = torch.tensor([[0], [-1]]), torch.zeros(2, 1, dtype=torch.bool)
-    net = Identity2().eval()
+    net = identity2().eval()
     scores, logits = evaluate_multilabel_batch(net, (x, labels, boxes, box_labels, difficult), teacher=net,
                                                deltas=(0.0, 0.5))
     # Pair (1, class 0): map = [[1, .5], [0, 0]] after min-max; E keeps A0 = [[4, 1], [0, 0]] and
@@ -155,8 +142,8 @@ def test_multilabel_grid_cells_name_the_positive_classes():
     from distill.evaluation.grid import multilabel_cells
 
     x = torch.rand(2, 3, 4, 4)  # RGB: channels 0 and 1 explain the two classes
-    cells = multilabel_cells(Identity2(3).eval(), x, torch.tensor([[1, 1], [0, 1]]), class_names=["cat", "dog"],
-                             teacher=Identity2(3).eval())
+    cells = multilabel_cells(identity2(3).eval(), x, torch.tensor([[1, 1], [0, 1]]), class_names=["cat", "dog"],
+                             teacher=identity2(3).eval())
     assert [len(r) for r in cells] == [5, 5]  # image | (teacher, student) x 2 positives
     assert cells[0][0].title == "image\ncat, dog" and cells[1][0].title == "image\ndog"
     assert cells[0][1].title.startswith("teacher Grad-CAM++\ncat p=") and "dog" in cells[0][4].title

@@ -43,6 +43,23 @@ def student_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 
 
+def kill_when(args: list[str], run_dir: Path, tmp_path: Path, ready, poll_s: float, then_s: float = 0.0) -> Path:
+    """Start ``train.py args`` in ``run_dir``, SIGKILL it once ``ready(last.ckpt path)`` holds (plus
+    ``then_s`` seconds), and check it had not finished; returns the path of its ``last.ckpt``."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    cmd = [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}", f"paths.log_dir={tmp_path}/logs"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not ready(last) and proc.poll() is None and time.time() < deadline:
+        time.sleep(poll_s)
+    time.sleep(then_s)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "metrics.json").exists(), "the run finished before it could be killed"
+    return last
+
+
 # ------------------------------------------------------------------------------------ resume
 def test_killed_run_resumes_to_the_same_weights_metrics_and_wandb_run(teacher_ckpt, tmp_path):
     # 2 workers: their iterator draws the first batches before Lightning tells the sampler the epoch
@@ -51,17 +68,7 @@ def test_killed_run_resumes_to_the_same_weights_metrics_and_wandb_run(teacher_ck
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_train([*args, f"hydra.run.dir={straight}"], tmp_path).returncode == 0
 
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    cmd = [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={killed}", f"paths.log_dir={tmp_path}/logs"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = killed / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # into the next epoch
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
+    kill_when(args, killed, tmp_path, lambda last: last.exists(), poll_s=0.05, then_s=0.5)  # 0.5 s: into the next epoch
     run_id = (killed / "wandb_run_id").read_text()
 
     resumed = run_train([f"resume={killed}"], tmp_path)
@@ -100,16 +107,7 @@ def test_run_killed_mid_epoch_resumes_from_the_mid_epoch_checkpoint_to_the_same_
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_train([*args, f"hydra.run.dir={straight}"], tmp_path).returncode == 0
 
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    cmd = [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={killed}", f"paths.log_dir={tmp_path}/logs"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = killed / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while saved_step(last) != 10 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
+    last = kill_when(args, killed, tmp_path, lambda last: saved_step(last) == 10, poll_s=0.02)
     checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 10 and checkpoint["epoch"] == 1  # killed mid-epoch, after the mid-epoch save
     progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
