@@ -381,6 +381,7 @@ class Train(Common):
     resume: str | None = None
     ckpt_path: str | None = None
     test_after_fit: bool = True
+    test_best: bool = True
     resume_fallback: bool = False
     eval_method: Method
     optimized_metric: str | None = None

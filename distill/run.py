@@ -42,16 +42,32 @@ def fit_and_test(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.Lig
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = floats(trainer.callback_metrics)
-    if cfg.get("test_after_fit", True):
-        tested = trainer.test(module, datamodule=datamodule, verbose=False)
-        metrics.update(floats(tested[0] if tested else {}))
     paths = {"checkpoint/best": callbacks["best_checkpoint"].best_model_path,
              "checkpoint/last": callbacks["last_checkpoint"].best_model_path}
+    if cfg.get("test_after_fit", True):
+        best = paths["checkpoint/best"] if cfg.get("test_best", True) else ""
+        metrics.update(test_checkpoints(trainer, module, datamodule, best, paths["checkpoint/last"]))
     if logger is not None:
         logger.log_hyperparams(paths)
     log.info("checkpoints: best %s, last %s", paths["checkpoint/best"], paths["checkpoint/last"])
     finish_logger(logger)
     return {"stage": stage, "metrics": metrics, **paths}
+
+
+def test_checkpoints(trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule,
+                     best: str, last: str) -> dict[str, float]:
+    """Test metrics of the final weights (``test/*``) and, given its path, of the ``best`` checkpoint
+    (``test_best/*``). The best is tested first and the final weights reloaded from ``last``, so that
+    ``test/*`` is what the logger holds last."""
+    metrics = {}
+    if best and last:
+        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        metrics = {"test_best/" + k.removeprefix("test/"): v for k, v in floats(tested[0] if tested else {}).items()}
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(metrics)
+    tested = trainer.test(module, datamodule=datamodule, ckpt_path=last if metrics else None,
+                          verbose=False)
+    return {**metrics, **floats(tested[0] if tested else {})}
 
 
 def floats(metrics: dict[str, Any]) -> dict[str, float]:

@@ -317,6 +317,7 @@ def run(args: argparse.Namespace, batch_size: int, teacher: nn.Module, student: 
     has_peak = "peak_bytes" in ref
     if has_peak:
         header += f" {'peak MiB':>9s} {'x KD':>6s}"
+    header += f" {'images/s':>9s}"
     print(header)
     for name, r in results.items():
         line = "".join(f"{1e3 * r[k]:9.1f} {r[k] / ref[k]:6.3f} " for k in ("time_s", "min_time_s", "cpu_time_s"))
@@ -326,7 +327,7 @@ def run(args: argparse.Namespace, batch_size: int, teacher: nn.Module, student: 
                 f"{r['saved_bytes_no_params'] / ref['saved_bytes_no_params']:6.3f} {r['page_faults']:8.0f}")
         if has_peak:
             line += f" {r['peak_bytes'] / 2**20:9.1f} {r['peak_bytes'] / ref['peak_bytes']:6.3f}"
-        print(line)
+        print(f"{line} {batch_size / r['time_s']:9.0f}")  # images/s of the median step
     key = TIMINGS[args.timing]
     print(f"ratios below: {args.timing} step time; memory = bytes saved for backward")
     if voc:
