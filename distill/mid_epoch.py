@@ -34,6 +34,23 @@ log = logging.getLogger("distill")
 KEYS = ("checkpoint_every_n_steps", "checkpoint_every_minutes")  # trainer.* keys read here, not by the Trainer
 
 
+# The adapter: the only reads and writes of Lightning's private loop attributes in distill, tested
+# with the lightning versions pinned in pyproject.toml (tests/test_mid_epoch.py).
+def inside_accumulation(trainer: pl.Trainer) -> bool:
+    """Whether the batch just trained leaves gradients accumulating (no optimizer step yet)."""
+    return trainer.fit_loop.epoch_loop._should_accumulate()
+
+
+def load_pending_loader_states(trainer: pl.Trainer) -> None:
+    """Load the training loader's saved position that Lightning left pending, and remake the iterator."""
+    fit_loop = trainer.fit_loop
+    pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
+    if pending and fit_loop._combined_loader is not None and fit_loop._data_fetcher is not None:
+        fit_loop._combined_loader._load_state_dicts(pending)
+        fit_loop._combined_loader_states_to_load = []
+        iter(fit_loop._data_fetcher)  # remade from the loaded position (it prefetches again)
+
+
 class MidEpochCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that never saves on an epoch's last batch (the end-of-epoch
     ``last.ckpt`` is written right after) nor inside a gradient-accumulation window (the
@@ -41,8 +58,7 @@ class MidEpochCheckpoint(ModelCheckpoint):
     optimizer step."""
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args, **kwargs) -> None:
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if epoch_loop.batch_progress.is_last_batch or epoch_loop._should_accumulate():
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or inside_accumulation(trainer):
             return
         super().on_train_batch_end(trainer, *args, **kwargs)
 
@@ -129,12 +145,8 @@ class MidEpochState(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         saved, self._saved = self._saved or {}, None
+        load_pending_loader_states(trainer)
         fit_loop = trainer.fit_loop
-        pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
-        if pending and fit_loop._combined_loader is not None and fit_loop._data_fetcher is not None:
-            fit_loop._combined_loader._load_state_dicts(pending)
-            fit_loop._combined_loader_states_to_load = []
-            iter(fit_loop._data_fetcher)  # remade from the loaded position (it prefetches again)
         if not fit_loop.restarted_mid_epoch:
             return
         metric = getattr(pl_module, "train_score", None)

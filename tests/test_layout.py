@@ -77,3 +77,28 @@ def test_layers_import_downwards_only():
                                                                    "distill.callbacks_localization")}
     # a training metric (the VOC mAP) is not evaluation code
     assert not {d for d in imports("distill.tasks") if d.startswith("distill.evaluation")}
+
+
+def private_lightning_reads(source: str) -> list[str]:
+    """``trainer.fit_loop._x`` / ``epoch_loop._x`` / ``_combined_loader`` style reads of Lightning's private
+    loop attributes in ``source``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            owner = ast.unparse(node.value)
+            if any(part in owner for part in ("fit_loop", "epoch_loop", "_combined_loader", "_data_fetcher")):
+                found.append(ast.unparse(node))
+    return found
+
+
+def test_private_lightning_reads_live_only_in_the_adapter():
+    assert private_lightning_reads("trainer.fit_loop.epoch_loop._should_accumulate()")  # the finder finds one
+    adapter = {"inside_accumulation", "load_pending_loader_states"}
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and not (path.name == "mid_epoch.py" and node.name in adapter):
+                offenders += [f"{path.name}:{node.name}: {r}" for r in private_lightning_reads(ast.unparse(node))]
+    # (reads inside the adapter's functions are fine; nested functions are walked twice, which only repeats names)
+    assert not offenders, offenders
