@@ -211,7 +211,7 @@ def test_summary_mean_and_std_over_seeds_by_hand(tmp_path):
     fake_job(tmp_path, 3, "gradcampp", 1, 0.6, 0.9, 0.97)
     (tmp_path / "4").mkdir()  # a failed job: left out
     result = summarize_multirun(tmp_path)
-    table = Path(result["markdown"]).read_text()
+    table = Path(result["markdown"]).read_text().split("## Every test metric")[0]  # the headline table
     rows = [line for line in table.splitlines() if line.startswith("| explain=")]
     # none: acc 50, 70 -> 60 +- 14.14 (sample std = 20/sqrt(2)); error 40 +- 14.14; agreement 70 +- 14.14
     assert rows[0].startswith("| explain=none | 2 | 60.00 ± 14.14 | 40.00 ± 14.14 | 70.00 ± 14.14 | 0.9100 ± 0.0141")
@@ -236,6 +236,28 @@ def test_summary_marks_jobs_tested_on_part_of_the_test_set(tmp_path):
     fake_job(tmp_path / "whole", 0, "none", 0, 0.5, 0.8, 0.9)
     fake_job(tmp_path / "whole", 1, "gradcam", 0, 0.25, 0.5, 0.8)
     assert "Partial" not in Path(summarize_multirun(tmp_path / "whole")["markdown"]).read_text()
+
+
+def test_seed_tables_give_every_test_metric_of_both_checkpoints_in_markdown_csv_and_latex(tmp_path):
+    import csv
+
+    for num, (seed, acc, best_acc, conflict) in enumerate([(0, 0.5, 0.6, 0.1), (1, 0.7, 0.8, 0.3), (2, 0.6, 0.7, 0.2)]):
+        fake_job(tmp_path, num, "gradcampp", seed, acc, 0.8, 0.9)
+        result = json.loads((tmp_path / str(num) / "metrics.json").read_text())
+        result["metrics"].update({"test_best/acc": best_acc, "test/conflict_acc": conflict, "test/num_images": 64})
+        (tmp_path / str(num) / "metrics.json").write_text(json.dumps(result))
+    result = summarize_multirun(tmp_path)
+    # acc over seeds: 50, 70, 60 -> mean 60, sample std 10; best: 60, 80, 70 -> 70 +- 10; conflict 20 +- 10
+    table = Path(result["markdown"]).read_text()
+    last, best = table.split("## Every test metric, final weights")[1].split("## Every test metric, best checkpoint")
+    assert "| all runs | 3 | 60.00 ± 10.00 |" in last and "conflict_acc %" in last and "20.00 ± 10.00" in last
+    assert "| all runs | 3 | 70.00 ± 10.00 |" in best and "num_images" not in table
+    rows = list(csv.DictReader(Path(result["csv"]).open()))
+    best_acc = next(r for r in rows if r["checkpoint"] == "best" and r["metric"] == "acc %")
+    assert float(best_acc["mean"]) == pytest.approx(70.0) and float(best_acc["std"]) == pytest.approx(10.0)
+    assert best_acc["seeds"] == "3"
+    latex = Path(result["latex"]).read_text()
+    assert latex.count("\\begin{tabular}") == 2 and "60.00 $\\pm$ 10.00" in latex and "conflict\\_acc \\%" in latex
 
 
 def test_summary_of_one_seed_shows_the_mean_only(tmp_path):

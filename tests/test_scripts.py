@@ -48,10 +48,20 @@ def trained(tmp_path_factory) -> dict:
         common = ["experiment=smoke", "logger=none", "trainer.max_epochs=1", "trainer.num_sanity_val_steps=0"]
         # 3 epochs: a teacher that classifies images of >= 4 classes correctly (2x2 pointing game).
         assert_ok(run_train([*common, "stage=teacher", "trainer.max_epochs=3", f"teacher.checkpoint={teacher}"], tmp))
-        assert_ok(run_train(["-m", *common, "seed=0,1", "explain=none,gradcampp", f"teacher.checkpoint={teacher}"],
-                            tmp, timeout=600))
+        sweep = run_train(["-m", *common, "seed=0,1", "explain=none,gradcampp", f"teacher.checkpoint={teacher}"],
+                          tmp, timeout=600)
+        assert_ok(sweep)
     (multirun,) = (tmp / "logs" / "smoke" / "multiruns").iterdir()
-    return {"tmp": tmp, "teacher": teacher, "multirun": multirun}
+    return {"tmp": tmp, "teacher": teacher, "multirun": multirun, "sweep_output": sweep.stdout + sweep.stderr}
+
+
+def test_a_sweep_ends_by_printing_its_summary(trained):
+    out, multirun = trained["sweep_output"], trained["multirun"]
+    assert f"sweep summary: {multirun / 'summary.md'}" in out
+    assert "| explain=gradcampp | 2 |" in out and "| explain=none | 2 |" in out  # both variants, two seeds each
+    for suffix in (".md", ".csv", ".tex", ".json", ".png"):
+        assert (multirun / "summary").with_suffix(suffix).stat().st_size > 0
+    assert "## Every test metric, best checkpoint" in (multirun / "summary.md").read_text()
 
 
 def job_with(multirun: Path, explain: str, seed: int) -> Path:
@@ -129,7 +139,7 @@ def test_summarize_the_multirun(trained):
     out = trained["tmp"] / "report" / "summary"
     proc = run_script("summarize.py", [str(trained["multirun"]), "--out", str(out)], trained["tmp"])
     assert_ok(proc)
-    table = out.with_suffix(".md").read_text()
+    table = out.with_suffix(".md").read_text().split("## Every test metric")[0]  # the headline table
     rows = [line for line in table.splitlines() if line.startswith("| explain=")]
     assert [row.split(" | ")[0] for row in rows] == ["| explain=none", "| explain=gradcampp"]
     for row in rows:

@@ -374,14 +374,106 @@ def summary_plot(summaries: list[VariantSummary], path: str | Path, columns: Seq
     return path
 
 
+# The checkpoints whose test metrics metrics.json holds: test/* (final weights), test_best/* (test_best=true)
+CHECKPOINTS = {"last": "test/", "best": "test_best/"}
+PERCENT = ("acc", "agreement")  # test metrics that are fractions, shown as % (e.g. teacher_acc, conflict_acc)
+
+
+def test_metric_columns(runs: list[Run], checkpoint: str) -> list[Column]:
+    """One column per test metric any run logged for ``checkpoint`` (``last`` / ``best``), the
+    headline ones first; fractions ending in ``acc`` / ``agreement`` are shown in %."""
+    prefix = CHECKPOINTS[checkpoint]
+    names = sorted({k.removeprefix(prefix) for run in runs for k in run.metrics
+                    if k.startswith(prefix) and k != prefix + "num_images"})
+    first = [n for n in ("acc", "agreement", "map_cosine", "teacher_acc") if n in names]
+    columns = []
+    for name in first + [n for n in names if n not in first]:
+        percent = name.endswith(PERCENT)
+        columns.append(Column(prefix + name, f"{name} %" if percent else name, 100.0 if percent else 1.0,
+                              digits=2 if percent else 4))
+    return columns
+
+
+def seed_tables(runs: list[Run]) -> dict[str, tuple[list[Column], list[VariantSummary]]]:
+    """``checkpoint -> (columns, per-variant mean / std over seeds)`` for every test metric."""
+    tables = {}
+    for checkpoint in CHECKPOINTS:
+        columns = test_metric_columns(runs, checkpoint)
+        if columns:
+            tables[checkpoint] = (columns, summarize_runs(runs, columns))
+    return tables
+
+
+def _mean_pm_std(stats: tuple[float, float | None] | None, digits: int, pm: str = " ± ") -> str:
+    if stats is None:
+        return "–"
+    mean, std = stats
+    return _fmt(mean, digits) if std is None else f"{_fmt(mean, digits)}{pm}{_fmt(std, digits)}"
+
+
+def seed_tables_markdown(tables: dict) -> str:
+    parts = []
+    for checkpoint, (columns, summaries) in tables.items():
+        headers = ["variant", "seeds", *[c.header for c in columns]]
+        rows = [[s.variant, str(len(s.seeds)), *[_mean_pm_std(s.stats.get(c.key), c.digits) for c in columns]]
+                for s in summaries]
+        what = "final weights (last.ckpt)" if checkpoint == "last" else "best checkpoint (best.ckpt, by validation)"
+        parts.append(f"## Every test metric, {what}\n\n" + markdown_table(headers, rows))
+    return "\n\n".join(parts) + "\n"
+
+
+def seed_tables_csv(tables: dict) -> str:
+    """Long format: one line per variant, checkpoint and metric (mean, sample std, number of seeds)."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["variant", "checkpoint", "metric", "mean", "std", "seeds"])
+    for checkpoint, (columns, summaries) in tables.items():
+        for s in summaries:
+            for c in columns:
+                if c.key in s.stats:
+                    mean, std = s.stats[c.key]
+                    writer.writerow([s.variant, checkpoint, c.header, repr(mean), "" if std is None else repr(std),
+                                     len(s.seeds)])
+    return out.getvalue()
+
+
+def _latex_escape(text: str) -> str:
+    return re.sub(r"([_%&#$])", r"\\\1", text)
+
+
+def seed_tables_latex(tables: dict) -> str:
+    """One ``tabular`` per checkpoint, cells ``mean $\\pm$ std`` (booktabs rules)."""
+    parts = []
+    for checkpoint, (columns, summaries) in tables.items():
+        lines = [f"% {checkpoint} checkpoint: mean $\\pm$ sample std over seeds",
+                 "\\begin{tabular}{l" + "r" * (len(columns) + 1) + "}", "\\toprule",
+                 " & ".join(["variant", "seeds", *[_latex_escape(c.header) for c in columns]]) + " \\\\",
+                 "\\midrule"]
+        for s in summaries:
+            cells = [_mean_pm_std(s.stats.get(c.key), c.digits, " $\\pm$ ") for c in columns]
+            lines.append(" & ".join([_latex_escape(s.variant), str(len(s.seeds)), *cells]) + " \\\\")
+        lines += ["\\bottomrule", "\\end{tabular}"]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
 def summarize_multirun(root: str | Path, out: str | Path | None = None) -> dict:
-    """Write ``<out>.md``, ``<out>.png`` and ``<out>.json`` (default ``<root>/summary``)."""
+    """Write ``<out>.md``, ``<out>.png``, ``<out>.json``, ``<out>.csv`` and ``<out>.tex`` (default
+    ``<root>/summary``): the headline table and plot, then every test metric of the final weights and
+    of the best checkpoint, mean +- std over seeds."""
     root = Path(root)
     runs = collect_runs(root)
     assign_variants(runs)
     summaries = summarize_runs(runs)
+    tables = seed_tables(runs)
     prefix = Path(out) if out is not None else root / "summary"
-    markdown = write_text(prefix.with_suffix(".md"), summary_markdown(summaries, root))
+    markdown = write_text(prefix.with_suffix(".md"),
+                          summary_markdown(summaries, root) + "\n" + seed_tables_markdown(tables))
+    csv_path = write_text(prefix.with_suffix(".csv"), seed_tables_csv(tables))
+    latex = write_text(prefix.with_suffix(".tex"), seed_tables_latex(tables))
     plot = summary_plot(summaries, prefix.with_suffix(".png"))
     payload = {
         "root": str(root),
@@ -393,7 +485,8 @@ def summarize_multirun(root: str | Path, out: str | Path | None = None) -> dict:
         "runs": [{"job_dir": str(r.job_dir), "variant": r.variant, "seed": r.seed} for r in runs],
     }
     data = write_json(prefix.with_suffix(".json"), payload)
-    return {"markdown": str(markdown), "plot": str(plot), "json": str(data), "summaries": summaries}
+    return {"markdown": str(markdown), "plot": str(plot), "json": str(data), "csv": str(csv_path),
+            "latex": str(latex), "summaries": summaries}
 
 
 __all__ = [
@@ -410,3 +503,24 @@ __all__ = [
     "summary_markdown",
     "summary_plot",
 ]
+
+
+def _hydra_callback_base() -> type:
+    from hydra.experimental.callback import Callback
+
+    return Callback
+
+
+class SummarizeSweep(_hydra_callback_base()):
+    """Hydra callback (configs/hydra/default.yaml): at the end of a multirun, summarize its jobs
+    (:func:`summarize_multirun`) and print the headline table and where every file went."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        root = Path(config.hydra.sweep.dir)
+        try:
+            result = summarize_multirun(root)
+        except DataError as err:
+            log.warning("no sweep summary: %s", err)
+            return
+        print(Path(result["markdown"]).read_text().split("## Every test metric")[0].rstrip())
+        print(f"sweep summary: {result['markdown']} (+ .csv, .tex, .json, .png)")
