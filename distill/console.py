@@ -202,6 +202,7 @@ def report_run(result: dict, run_dir: Path) -> str:
             lines.append("  (data.test_subset / trainer.limit_test_batches: not comparable to whole-test-set numbers)")
     else:
         lines.append("No test metrics (test_after_fit=false).")
+    lines += [f"FLAG: {flag}" for flag in result.get("flags", [])]
     lines.append(f"metrics.json: {Path(run_dir) / 'metrics.json'}")
     runs = offline_wandb_runs(run_dir)
     if runs:  # one command for all (a distill run that trained its teacher has two W&B runs)

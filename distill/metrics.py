@@ -21,6 +21,7 @@ and is left out (torchmetrics would count it as 0).
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -115,3 +116,29 @@ __all__ = [
     "average_precision_11point",
     "mean_over_defined",
 ]
+
+
+# ---------------------------------------------------------------------------- chance level
+CHANCE_Z = 3.0  # standard errors above 1/C that a top-1 accuracy must reach to count as learned
+
+
+def above_chance(accuracy: float, num_images: int, num_classes: int, z: float = CHANCE_Z) -> bool:
+    """Whether a top-1 ``accuracy`` on ``num_images`` is above guessing one of ``num_classes``: more than
+    ``z`` binomial standard errors above ``p = 1/C`` (one-sided; ``z = 3``: a guesser passes with
+    probability ~0.1 %). Below that, agreement and map metrics of the model measure nothing."""
+    p = 1.0 / num_classes
+    return accuracy > p + z * math.sqrt(p * (1.0 - p) / max(num_images, 1))
+
+
+def chance_flags(metrics: dict[str, float], num_classes: int | None, prefix: str = "test/") -> list[str]:
+    """One line per model whose ``<prefix>acc`` / ``<prefix>teacher_acc`` is not above chance (multi-class)."""
+    used = metrics.get(prefix + "num_images")
+    if not num_classes or num_classes < 2 or not used:
+        return []
+    flags = []
+    for role, key in (("student", prefix + "acc"), ("teacher", prefix + "teacher_acc")):
+        if key in metrics and not above_chance(metrics[key], int(used), num_classes):
+            flags.append(f"{role} at chance level: {100 * metrics[key]:.2f} % on {int(used):,} images is not above "
+                         f"1/{num_classes} = {100 / num_classes:.2f} % by {CHANCE_Z:g} standard errors; its agreement "
+                         "and map metrics measure nothing")
+    return flags

@@ -22,6 +22,7 @@ from distill.ddp import ddp_job
 from distill.errors import ConfigError, exit_on_user_error
 from distill.files import write_json
 from distill.loggers import build_logger, finish_logger, remember_wandb_run
+from distill.metrics import chance_flags
 from distill.module import ClassifierModule, DistillModule, ExplainSettings, LossWeights
 from distill.resume import hydra_overrides, resume_config
 from distill.teacher import resolve_teacher, target_checkpoint, train_teacher
@@ -138,6 +139,9 @@ def run(cfg: DictConfig) -> dict:
     result["config"] = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
                         for k in ("stage", "seed", "teacher", "student", "explain", "kd", "loss")}
     result["test_images"] = console.test_images_record(result["metrics"], datamodule)
+    result["num_classes"] = int(cfg.data.num_classes)
+    result["flags"] = chance_flags(result["metrics"], None if build.task(cfg, datamodule).multilabel
+                                   else result["num_classes"])
     if rank_zero_only.rank == 0:  # one writer under DDP
         write_json(Path(cfg.paths.output_dir) / "metrics.json", result)
         console.report_run(result, Path(cfg.paths.output_dir))

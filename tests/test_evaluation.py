@@ -238,6 +238,17 @@ def test_summary_marks_jobs_tested_on_part_of_the_test_set(tmp_path):
     assert "Partial" not in Path(summarize_multirun(tmp_path / "whole")["markdown"]).read_text()
 
 
+def test_summary_lists_runs_flagged_at_chance_level(tmp_path):
+    fake_job(tmp_path, 0, "none", 0, 0.5, 0.8, 0.9)
+    fake_job(tmp_path, 1, "gradcam", 0, 0.09, 0.5, 0.8)
+    result = json.loads((tmp_path / "1" / "metrics.json").read_text())
+    result["flags"] = ["student at chance level: 9.00 % on 64 images"]
+    (tmp_path / "1" / "metrics.json").write_text(json.dumps(result))
+    table = Path(summarize_multirun(tmp_path)["markdown"]).read_text()
+    assert "**Flagged runs**" in table and "- explain=gradcam: seed 0: student at chance level: 9.00 %" in table
+    assert "explain=none: seed" not in table
+
+
 def test_seed_tables_give_every_test_metric_of_both_checkpoints_in_markdown_csv_and_latex(tmp_path):
     import csv
 

@@ -98,3 +98,15 @@ def test_tied_scores_form_one_point():
     assert _area_ap(scores, target).item() == pytest.approx(expected)
     # 11-point: the tie is one point (P 1/2, R 1/2), then (P 2/3, R 1) -> all thresholds 2/3
     assert average_precision_11point(scores, target).item() == pytest.approx(2 / 3)
+
+
+def test_above_chance_is_three_binomial_standard_errors_above_one_over_c():
+    from distill.metrics import above_chance, chance_flags
+
+    # p = 1/10, n = 100: standard error sqrt(0.1 * 0.9 / 100) = 0.03, threshold 0.1 + 3 * 0.03 = 0.19
+    assert not above_chance(0.19, 100, 10) and above_chance(0.1901, 100, 10)
+    # a 9.38 % student on 64 images of 10 classes (a smoke run) is at chance; 18.8 % on 1,000 is not
+    assert not above_chance(0.0938, 64, 10) and above_chance(0.188, 1000, 10)
+    flags = chance_flags({"test/acc": 0.0938, "test/teacher_acc": 0.9, "test/num_images": 64}, 10)
+    assert len(flags) == 1 and flags[0].startswith("student at chance level: 9.38 % on 64 images")
+    assert chance_flags({"test/acc": 0.0938, "test/num_images": 64}, None) == []  # multi-label: no 1/C chance

@@ -175,6 +175,7 @@ class Run:
     metrics: dict[str, float]  # train.py's metrics.json plus `eval:<key>` from evaluation.json
     variant: str = ""
     partial: str = ""  # e.g. "test: 1,000 of 10,000 images" when a metric saw part of its split only
+    flags: list[str] = field(default_factory=list)  # metrics.json's flags, e.g. a model at chance level
 
 
 @dataclass
@@ -205,6 +206,7 @@ class VariantSummary:
     seeds: list[Any]
     stats: dict[str, tuple[float, float | None]] = field(default_factory=dict)  # key -> (mean, std)
     partial: list[str] = field(default_factory=list)  # Run.partial of its runs that have one
+    flags: list[str] = field(default_factory=list)  # Run.flags of its runs, "seed N: <flag>"
 
 
 def _job_sort_key(path: Path) -> tuple:
@@ -278,7 +280,8 @@ def collect_runs(root: str | Path) -> list[Run]:
         metrics = {k: float(v) for k, v in result.get("metrics", {}).items() if isinstance(v, int | float)}
         metrics.update(_eval_metrics(job_dir))
         seed = settings.get("seed", recorded["seed"])
-        runs.append(Run(job_dir, seed, settings, metrics, partial=_partial(result, _evaluation(job_dir))))
+        runs.append(Run(job_dir, seed, settings, metrics, partial=_partial(result, _evaluation(job_dir)),
+                        flags=list(result.get("flags", []))))
     finished = {run.job_dir for run in runs}
     unfinished = [d for d in sorted(root.iterdir(), key=_job_sort_key)
                   if d.is_dir() and d.name.isdigit() and d not in finished]
@@ -315,6 +318,7 @@ def summarize_runs(runs: list[Run], columns: Sequence[Column] = COLUMNS) -> list
     for summary in summaries.values():
         members = [run for run in runs if run.variant == summary.variant]
         summary.partial = [f"seed {run.seed}: {run.partial}" for run in members if run.partial]
+        summary.flags = [f"seed {run.seed}: {flag}" for run in members for flag in run.flags]
         for column in columns:
             source = column.derived_from or column.key
             values = [run.metrics[source] for run in members if source in run.metrics]
@@ -340,8 +344,11 @@ def summary_markdown(summaries: list[VariantSummary], root: str | Path, columns:
             cells.append(_fmt(mean, c.digits) if std is None else f"{_fmt(mean, c.digits)} ± {_fmt(std, c.digits)}")
         rows.append(cells)
     partial = [f"- {s.variant}: " + ", ".join(s.partial) for s in summaries if s.partial]
+    flagged = [f"- {s.variant}: " + "; ".join(s.flags) for s in summaries if s.flags]
     note = ("\n**Partial test sets** (`data.test_subset` / `limit_test_batches` / `limit_batches`): not comparable "
             "to whole-test-set numbers.\n\n" + "\n".join(partial) + "\n") if partial else ""
+    if flagged:
+        note += ("\n**Flagged runs** (their agreement and map metrics measure nothing):\n\n" + "\n".join(flagged) + "\n")
     return (
         f"# Ablation summary of `{root}`\n\n"
         "Mean ± sample standard deviation over seeds (test split, final weights); one seed: mean only.\n\n"
