@@ -348,7 +348,7 @@ def summary_markdown(summaries: list[VariantSummary], root: str | Path, columns:
     note = ("\n**Partial test sets** (`data.test_subset` / `limit_test_batches` / `limit_batches`): not comparable "
             "to whole-test-set numbers.\n\n" + "\n".join(partial) + "\n") if partial else ""
     if flagged:
-        note += ("\n**Flagged runs** (their agreement and map metrics measure nothing):\n\n" + "\n".join(flagged) + "\n")
+        note += "\n**Flagged runs** (their agreement and map metrics measure nothing):\n\n" + "\n".join(flagged) + "\n"
     return (
         f"# Ablation summary of `{root}`\n\n"
         "Mean ± sample standard deviation over seeds (test split, final weights); one seed: mean only.\n\n"
