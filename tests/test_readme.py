@@ -124,10 +124,21 @@ def broken_links(text: str, page: Path) -> list[str]:
 def test_the_readme_is_a_short_door():
     lines = README.read_text().splitlines()
     assert len(lines) <= MAX_README_LINES, f"README.md has {len(lines)} lines; move detail to docs/"
-    text = README.read_text()
-    for page in PAGES:
-        if f"docs/{page.name}" not in PENDING:
-            assert f"](docs/{page.name})" in text, f"README.md does not link docs/{page.name}"
+    orphans = {page.name for page in PAGES} - reachable_pages()
+    assert not orphans, f"no link from the README (or a page it links) leads to docs/{sorted(orphans)}"
+
+
+def reachable_pages() -> set[str]:
+    """The names of the docs/ pages that links lead to, from the README and page to page."""
+    reached, todo = set(), [README]
+    while todo:
+        page = todo.pop()
+        for target in re.findall(r"\]\(([^)#\s]+\.md)", page.read_text()):
+            path = (page.parent / target).resolve()
+            if path.parent == REPO / "docs" and path.exists() and path.name not in reached:
+                reached.add(path.name)
+                todo.append(path)
+    return reached
 
 
 def test_the_link_checker_finds_broken_links():
