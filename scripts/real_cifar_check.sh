@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Small-budget real-data checks on the CIFAR-10 JPEG image folder (../shared/data, see the README's "Reproductions"), sized for a CPU.
+# Small-budget real-data checks on the CIFAR-10 JPEG image folder (../shared/data, see docs/benchmarks.md), sized for a CPU.
 #   tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp/data
 #   bash scripts/real_cifar_check.sh /tmp/data/cifar10-jpeg [OUT_DIR] [baseline|distill|all]
 # Prints one JSON line per finished run (from each run's metrics.json).

@@ -80,8 +80,8 @@ def require_network(model: nn.Module, role: str, what: str, stages: bool = False
     if missing:
         label = what if what == type(model).__name__ else f"{what}, {type(model).__name__}"
         raise ConfigError(
-            f"the {role} ({label}) lacks {', '.join(missing)}: see 'Your own model' in "
-            "the README for the model contract, or use teacher=/student=timm|torchvision"
+            f"the {role} ({label}) lacks {', '.join(missing)}: see docs/your_own_model.md "
+            "for the model contract, or use teacher=/student=timm|torchvision"
         )
 
 
