@@ -1,6 +1,7 @@
 """Networks by name, all behind one contract (``distill.models.contract.Network``).
 
-``build_model("wrn40_2", 10)``, ``build_model("timm", 100, arch="convnext_atto")``,
+``build_model("wrn40_2", 10)``, ``build_model("resnet8x4", 100)`` (the CIFAR zoo of the KD benchmarks,
+docs/cifar100.md), ``build_model("timm", 100, arch="convnext_atto")``,
 ``build_model("torchvision", 1000, arch="resnet34", weights="IMAGENET1K_V1")``; ``register_model``
 adds your own factory ``f(num_classes, **options)``.
 """
