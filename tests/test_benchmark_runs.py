@@ -91,3 +91,21 @@ def test_submitit_local_multirun_writes_each_jobs_metrics(tmp_path):
         result = json.loads((job / "metrics.json").read_text())
         assert result["stage"] == "baseline" and result["config"]["seed"] == seed
         assert 0.0 <= result["metrics"]["test/acc"] <= 1.0
+
+
+def test_cifar100_cross_family_preset_runs_with_at_and_gradcampp(tmp_path):
+    """VGG13 -> MobileNetV2: AT across families and Grad-CAM++ maps of a 2 x 2 student grid."""
+    write_cifar100(tmp_path / "data" / "cifar100", n_train=40, n_test=16)
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+    args = ["experiment=cifar100_vgg13_mobilenetv2", "kd=at_cifar100", "explain=gradcampp", "data.download=false",
+            *TINY, f"paths.log_dir={tmp_path}/logs", f"paths.data_dir={tmp_path}/data",
+            f"paths.checkpoint_dir={tmp_path}/ckpt"]
+    proc = subprocess.run([sys.executable, "-c", NO_MD5, str(REPO / "train.py"), *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert_ok(proc)
+    assert list((tmp_path / "ckpt").glob("vgg13_cifar100-*.ckpt"))  # the VGG13 teacher, trained first
+    result = one_metrics(tmp_path / "logs" / "cifar100_vgg13_mobilenetv2" / "runs")
+    assert result["config"]["student"]["name"] == "mobilenetv2" and result["config"]["loss"]["at"] == 1000.0
+    m = result["metrics"]
+    assert {"train/at", "train/explain", "val/explain", "test/acc"} <= set(m)
+    assert math.isfinite(m["train/at"]) and math.isfinite(m["train/explain"])

@@ -1,6 +1,7 @@
 """Networks by name, all behind one contract (``distill.models.contract.Network``).
 
-``build_model("wrn40_2", 10)``, ``build_model("timm", 100, arch="convnext_atto")``,
+``build_model("wrn40_2", 10)``, ``build_model("resnet8x4", 100)`` (the CIFAR zoo of the KD benchmarks,
+docs/cifar100.md), ``build_model("timm", 100, arch="convnext_atto")``,
 ``build_model("torchvision", 1000, arch="resnet34", weights="IMAGENET1K_V1")``; ``register_model``
 adds your own factory ``f(num_classes, **options)``.
 """
@@ -13,6 +14,19 @@ from torch import nn
 
 from distill.errors import ConfigError
 from distill.models.adapters import SplitNetwork, TimmNetwork, timm_network, torchvision_network
+from distill.models.cifar_resnet import (
+    CifarResNet,
+    resnet8,
+    resnet8x4,
+    resnet14,
+    resnet20,
+    resnet32,
+    resnet32x4,
+    resnet44,
+    resnet56,
+    resnet110,
+)
+from distill.models.cifar_vgg import CifarVGG, vgg8, vgg11, vgg13, vgg16_cifar, vgg19
 from distill.models.contract import (
     Network,
     NetworkSpec,
@@ -21,6 +35,8 @@ from distill.models.contract import (
     map_logits,
     require_network,
 )
+from distill.models.mobilenetv2 import MobileNetV2, mobilenetv2
+from distill.models.shufflenet import ShuffleNet, shufflenetv1, shufflenetv2
 from distill.models.vgg import VGG, vgg11_student, vgg16
 from distill.models.wrn import WideResNet, wrn16_1, wrn16_2, wrn40_2
 
@@ -32,6 +48,24 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "wrn40_2": wrn40_2,
     "vgg16": vgg16,
     "vgg11_student": vgg11_student,
+    # The CIFAR zoo of the KD benchmarks (RepDistiller's names; its CIFAR vgg16 is vgg16_cifar here).
+    "resnet8": resnet8,
+    "resnet14": resnet14,
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet44": resnet44,
+    "resnet56": resnet56,
+    "resnet110": resnet110,
+    "resnet8x4": resnet8x4,
+    "resnet32x4": resnet32x4,
+    "vgg8": vgg8,
+    "vgg11": vgg11,
+    "vgg13": vgg13,
+    "vgg16_cifar": vgg16_cifar,
+    "vgg19": vgg19,
+    "mobilenetv2": mobilenetv2,
+    "shufflenetv1": shufflenetv1,
+    "shufflenetv2": shufflenetv2,
     "timm": timm_network,
     "torchvision": torchvision_network,
 }
@@ -81,6 +115,10 @@ def build_spec(model: nn.Module) -> dict | None:
 __all__ = [
     "BUILD_ATTRIBUTE",
     "MODELS",
+    "CifarResNet",
+    "CifarVGG",
+    "MobileNetV2",
+    "ShuffleNet",
     "VGG",
     "Network",
     "NetworkSpec",
