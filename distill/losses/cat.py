@@ -30,7 +30,7 @@ def class_activation_maps(features: Tensor, weight: Tensor) -> Tensor:
 def class_attention_transfer(student_cams: Tensor, teacher_cams: Tensor, resolution: int = 2,
                              normalize: bool = False) -> Tensor:
     """``mean (pool_r(CAM_S) - pool_r(CAM_T))^2`` over the batch, classes and the ``r x r`` cells
-    (CAT-KD's ``CAT_loss``); a scalar. CAMs ``(B, C, h, w)``, the two sizes may differ.
+    (CAT-KD's ``CAT_loss``); a scalar, float32 at least. CAMs ``(B, C, h, w)``, the two sizes may differ.
 
     ``normalize``: each pooled map divided by its L2 norm over the ``r x r`` cells first (norm
     clamped at ``MAP_NORM_EPS``).
@@ -38,7 +38,8 @@ def class_attention_transfer(student_cams: Tensor, teacher_cams: Tensor, resolut
     if student_cams.shape[:2] != teacher_cams.shape[:2]:
         raise ValueError(f"CAT-KD: student CAMs {tuple(student_cams.shape)} and teacher CAMs "
                          f"{tuple(teacher_cams.shape)} differ in batch or class count")
-    pooled = [F.adaptive_avg_pool2d(cams.float(), resolution) for cams in (student_cams, teacher_cams)]
+    dtype = torch.promote_types(student_cams.dtype, torch.float32)  # float64 stays float64
+    pooled = [F.adaptive_avg_pool2d(cams.to(dtype), resolution) for cams in (student_cams, teacher_cams)]
     if normalize:
         pooled = [F.normalize(p.flatten(2), dim=2, eps=MAP_NORM_EPS) for p in pooled]
     return F.mse_loss(*pooled)
