@@ -504,3 +504,57 @@ def test_e2kd_option_equals_kd_plus_one_minus_cosine_of_the_teachers_top1_gradca
     assert float(module.total_loss(terms)) == pytest.approx(float(kd + explain), rel=1e-5)
     assert student.fc.weight in {p for p in module.parameters()} and torch.autograd.grad(
         terms["explain"], student.fc.weight)[0].abs().sum() > 0  # the student's map is in the graph
+
+
+@pytest.mark.parametrize(("overrides", "rows"), [
+    (["kd=cat", "explain=e2kd"], {"ce": 1.0, "cat": 12.0, "cat_resolution": 2, "kd": 1.0, "temperature": 1.0,
+                                  "explain": 1.0}),
+    (["kd=hinton", "explain=e2kd"], {"ce": 1.0, "kd": 1.0, "temperature": 4.0, "explain": 1.0}),
+    (["kd=hinton_ls", "explain=gradcampp", "data=cifar100"], {"ce": 0.1, "kd": 9.0, "temperature": 2.0,
+                                                              "logit_standardize": True, "explain": 0.01}),
+    (["kd=dkd_ls", "explain=e2kd", "student=wrn16_2"], {"ce": 1.0, "dkd_alpha": 9.0, "dkd_beta": 54.0,
+                                                        "temperature": 2.0, "logit_standardize": True, "kd": 1.0}),
+    (["kd=cat", "loss.cat=3", "loss.kd=1", "loss.logit_standardize=true"], {"cat": 3.0, "kd": 1.0,
+                                                                          "logit_standardize": True}),
+])
+def test_the_baseline_options_compose_with_each_other_and_with_other_options(compose, overrides, rows):
+    """kd=... sets its rows after explain=... (the defaults list's order), so kd=hinton explain=e2kd
+    is CE + KD at T = 4 + e2KD's map term; every composed table builds the module's settings."""
+    cfg = compose(overrides)
+    assert {key: cfg.loss[key] for key in rows} == rows
+    weights = LossWeights(**cfg.loss)
+    if "explain=e2kd" in overrides:
+        assert (cfg.explain.method, cfg.explain.distance, cfg.explain.target) == ("gradcam", "cosine", "teacher_pred")
+    assert "cat" in weights.active() or weights.cat == 0
+
+
+@pytest.mark.slow
+def test_cat_and_e2kd_train_through_train_py_and_log_their_terms(tmp_path):
+    import json
+
+    from tests.support import run_train
+
+    proc = run_train(["experiment=smoke", "logger=none", "kd=cat", "explain=e2kd", "optim.optimizer.lr=0.05",
+                      "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.num_sanity_val_steps=0",
+                      "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = (tmp_path / "logs").rglob("metrics.json")
+    metrics = json.loads(path.read_text())["metrics"]
+    for key in [f"{stage}/{term}" for stage in ("train", "val", "test") for term in ("ce", "kd", "cat", "explain")]:
+        assert math.isfinite(metrics[key]), key
+    assert metrics["test/loss"] == pytest.approx(metrics["test/ce"] + metrics["test/kd"] + 12 * metrics["test/cat"]
+                                                 + metrics["test/explain"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_cat_with_a_student_whose_head_is_not_pool_plus_linear_stops_with_one_line(tmp_path):
+    from tests.support import run_train
+
+    proc = run_train(["experiment=smoke", "logger=none", "kd=cat", "student=timm", "student.arch=mobilenetv3_small_050",
+                      "data.image_size=32", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+                      "trainer.num_sanity_val_steps=0"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [line for line in proc.stderr.splitlines() if "kd=cat" in line], proc.stderr[-2000:]
+    assert len(errors) == 1 and "needs a global-average-pool + linear head" in errors[0]
+    assert "Traceback" not in proc.stderr
