@@ -364,7 +364,7 @@ def test_explain_loss_trains_the_student_through_the_vgg_head():
     assert all(p.grad is None for p in module.teacher.parameters())
 
 
-# =========================================================================== the competing baselines (docs/baselines.md)
+# ====================================================================== the competing baselines (docs/baselines.md)
 def test_cat_term_of_a_wrn_batch_equals_an_independent_float64_computation():
     """CAT-KD (Guo et al., CVPR 2023) from its equations on float64 copies of both WRNs:
     ``CAM = W A`` for all 10 classes (the linear weight as a 1 x 1 convolution, no bias), each
