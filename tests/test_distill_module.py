@@ -434,9 +434,9 @@ def _zscore64(z: torch.Tensor) -> torch.Tensor:
 
 
 def test_logit_standardized_kd_and_dkd_terms_equal_float64_formulas():
-    """kd=hinton_ls's KD (T = 2) and kd=dkd_ls's DKD (alpha 9, beta 54, T = 2) on the module's
+    """kd=hinton_ls's KD (T = 2) and kd=dkd_ls's DKD (alpha 12, beta 24, T = 2) on the module's
     batch, from the logits z-scored in float64; CE stays on the raw logits."""
-    weights = LossWeights(ce=0.1, kd=9.0, temperature=2.0, dkd_alpha=9.0, dkd_beta=54.0, logit_standardize=True)
+    weights = LossWeights(ce=0.1, kd=9.0, temperature=2.0, dkd_alpha=12.0, dkd_beta=24.0, logit_standardize=True)
     module = make_module(weights, method=None).eval()
     x, y = batch(6, seed=7)
     terms, _ = module.loss_terms(x, y)
@@ -450,7 +450,7 @@ def test_logit_standardized_kd_and_dkd_terms_equal_float64_formulas():
     hs = ps.masked_fill(target, 0) / (1 - ps[rows, y])[:, None]
     ht = pt.masked_fill(target, 0) / (1 - pt[rows, y])[:, None]
     nckd = (ht * (ht / hs.masked_fill(target, 1)).log().masked_fill(target, 0)).sum(1)
-    dkd = 4 * (9.0 * (bt * (bt / bs).log()).sum(1) + 54.0 * nckd).mean()
+    dkd = 4 * (12.0 * (bt * (bt / bs).log()).sum(1) + 24.0 * nckd).mean()
     ce = -s_raw.log_softmax(1)[rows, y].mean()
     assert float(terms["kd"]) == pytest.approx(float(kd), rel=1e-4)
     assert float(terms["dkd"]) == pytest.approx(float(dkd), rel=1e-4)
@@ -512,7 +512,7 @@ def test_e2kd_option_equals_kd_plus_one_minus_cosine_of_the_teachers_top1_gradca
     (["kd=hinton", "explain=e2kd"], {"ce": 1.0, "kd": 1.0, "temperature": 4.0, "explain": 1.0}),
     (["kd=hinton_ls", "explain=gradcampp", "data=cifar100"], {"ce": 0.1, "kd": 9.0, "temperature": 2.0,
                                                               "logit_standardize": True, "explain": 0.01}),
-    (["kd=dkd_ls", "explain=e2kd", "student=wrn16_2"], {"ce": 1.0, "dkd_alpha": 9.0, "dkd_beta": 54.0,
+    (["kd=dkd_ls", "explain=e2kd", "student=wrn16_2"], {"ce": 1.0, "dkd_alpha": 12.0, "dkd_beta": 24.0,
                                                         "temperature": 2.0, "logit_standardize": True, "kd": 1.0}),
     (["kd=cat", "loss.cat=3", "loss.kd=1", "loss.logit_standardize=true"], {"cat": 3.0, "kd": 1.0,
                                                                           "logit_standardize": True}),
