@@ -6,7 +6,8 @@ of *all* classes are the linear layer applied as a 1 x 1 convolution to the last
 ``CAM = W A`` (B, C, h, w), whose spatial mean is the logit less its bias (the CAT-KD code drops
 the bias: its ``conv_test`` layer is ``bias=False``). Both networks' CAMs are average-pooled to a
 ``r x r`` grid and matched by mean squared error; the optional per-map L2 normalisation is the
-code's ``IF_NORMALIZE`` (off in its CIFAR-100 and ImageNet configs).
+code's ``IF_NORMALIZE`` (off in its configs for the ResNet, WRN and VGG students, on for the
+ShuffleNet and MobileNet ones).
 """
 
 from __future__ import annotations
