@@ -170,6 +170,10 @@ class Loss(Strict):
     dkd_alpha: NonNegFloat = 0.0  # DKD (Zhao et al., 2022): weight of TCKD inside its term
     dkd_beta: NonNegFloat = 0.0  # weight of NCKD inside its term
     dkd_warmup: NonNegInt = 0  # epochs of DKD's linear warm-up of its term
+    cat: NonNegFloat = 0.0  # CAT-KD (Guo et al., 2023): its beta, MSE of the pooled class activation maps
+    cat_resolution: PosInt = 2  # CAT-KD: the CAMs are average-pooled to cat_resolution x cat_resolution
+    cat_normalize: bool = False  # CAT-KD: L2-normalise each pooled CAM first
+    logit_standardize: bool = False  # z-score the logits before KD's / DKD's softmax (Sun et al., 2024)
 
 
 # Keys that moved: old key -> (new key, why, the new value for an old one)

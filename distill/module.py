@@ -23,7 +23,17 @@ from distill.checkpoints import load_network
 from distill.errors import ConfigError, DistillError
 from distill.explain import EVAL_METHOD, METHODS, explain_network, network_spec
 from distill.explain.maps import check_map_precision
-from distill.losses import DISTANCES, attention_transfer, decoupled_kd, dkd_warmup, explain_loss, map_cosine
+from distill.losses import (
+    DISTANCES,
+    attention_transfer,
+    class_activation_maps,
+    class_attention_transfer,
+    decoupled_kd,
+    dkd_warmup,
+    explain_loss,
+    map_cosine,
+    standardize_logits,
+)
 from distill.models import BUILD_ATTRIBUTE, build_model, build_spec
 from distill.models.contract import known_spec, require_network
 from distill.optim import SchedulerFactory, build_scheduler
@@ -71,7 +81,7 @@ class NonFiniteLossError(DistillError):
 
 # The terms of the student's loss, in logging order (train/<name>, val/<name>, test/<name>). The loss
 # is the plain sum of LossWeights.weight(name) * term; each term's formula is in DistillModule.terms.
-TERMS = ("ce", "kd", "dkd", "at", "explain")
+TERMS = ("ce", "kd", "dkd", "at", "cat", "explain")
 
 
 @dataclass(frozen=True)
@@ -86,13 +96,20 @@ class LossWeights:
     dkd_alpha: float = 0.0  # DKD's alpha and beta, inside its term T^2 (alpha TCKD + beta NCKD) (Eq. 7)
     dkd_beta: float = 0.0
     dkd_warmup: int = 0  # epochs of DKD's linear warm-up of its term (0: none)
+    cat: float = 0.0  # CAT-KD's beta: class attention transfer, MSE of the pooled class activation maps
+    cat_resolution: int = 2  # CAT-KD's CAM_RESOLUTION: the CAMs are average-pooled to r x r
+    cat_normalize: bool = False  # CAT-KD's IF_NORMALIZE: L2-normalise each pooled CAM first
+    logit_standardize: bool = False  # z-score each sample's logits before KD's and DKD's softmax (Sun et al.)
 
     def __post_init__(self) -> None:
-        for name in ("ce", "kd", "at", "explain", "dkd_alpha", "dkd_beta", "dkd_warmup"):
+        for name in ("ce", "kd", "at", "cat", "explain", "dkd_alpha", "dkd_beta", "dkd_warmup"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"loss.{name} is {getattr(self, name)}; loss weights must be >= 0")
         if self.temperature <= 0:
             raise ConfigError(f"loss.temperature must be > 0, got {self.temperature} (e.g. loss.temperature=4)")
+        if self.cat_resolution < 1:
+            raise ConfigError(f"loss.cat_resolution must be >= 1, got {self.cat_resolution} "
+                              "(e.g. loss.cat_resolution=2)")
 
     def weight(self, name: str, epoch: int = 1) -> float:
         """The weight of term ``name`` in the sum at 1-based ``epoch``. DKD's is its linear warm-up
@@ -276,8 +293,8 @@ class ClassifierModule(pl.LightningModule):
 
 
 class DistillModule(ClassifierModule):
-    """Student trained with the loss table's terms: CE, Hinton KD, DKD, attention transfer and the
-    explanation loss, their plain weighted sum (:class:`LossWeights`)."""
+    """Student trained with the loss table's terms: CE, Hinton KD, DKD, attention transfer, class
+    attention transfer (CAT-KD) and the explanation loss, their plain weighted sum (:class:`LossWeights`)."""
 
     def __init__(
         self,
@@ -307,6 +324,9 @@ class DistillModule(ClassifierModule):
             )
         if weights.dkd_alpha + weights.dkd_beta > 0 and self.task.multilabel:
             raise ConfigError(f"kd=dkd needs one label per image; the {self.task.name} task has none: use kd=hinton")
+        if weights.logit_standardize and self.task.multilabel:
+            raise ConfigError(f"loss.logit_standardize=true z-scores one softmax's logits; the {self.task.name} task's "
+                              "outputs are independent sigmoids: set loss.logit_standardize=false")
         for role, model in (("teacher", teacher), ("student", student)):
             require_network(model, role, type(model).__name__, stages=weights.at > 0)
         self.teacher = teacher.eval().requires_grad_(False)
@@ -399,17 +419,36 @@ class DistillModule(ClassifierModule):
                                closed_form=self.explain.closed_form)
 
     # ------------------------------------------------------------------ the loss
+    def class_maps(self, role: str, features: Tensor) -> Tensor:
+        """Class activation maps of every class, ``(B, K, h, w) -> (B, C, h, w)``, for CAT-KD: the
+        ``role`` network's linear head as a 1 x 1 convolution (a pool + linear head only)."""
+        model = self.networks()[role]
+        spec = network_spec(model, features)
+        if spec.path != "linear":
+            raise ConfigError(
+                f"kd=cat (loss.cat > 0) needs a global-average-pool + linear head, and the {role} "
+                f"{type(model).__name__}'s head is not one ({spec.path} path): use another kd= option or loss.cat=0")
+        return class_activation_maps(features, spec.linear(model).weight)
+
     def terms(self, labels: Tensor, s_logits: Tensor, t_logits: Tensor, s_groups: list[Tensor],
-              t_groups: list[Tensor], target: Tensor | None, maps: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
+              t_groups: list[Tensor], target: Tensor | None, maps: tuple[Tensor, Tensor] | None,
+              features: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
         """The active terms (``LossWeights.active``), unweighted: logits ``(B, C)``, stage outputs
-        for AT, map targets ``(B,)`` / ``(B, T)`` (-1: padding) and ``(student, teacher)`` maps of
-        ``loss_method`` for the explanation term."""
+        for AT, map targets ``(B,)`` / ``(B, T)`` (-1: padding), ``(student, teacher)`` maps of
+        ``loss_method`` for the explanation term and ``(student, teacher)`` features
+        ``(B, K, h, w)`` for CAT-KD."""
         w, t_logits = self.weights, t_logits.detach()
+        # KD and DKD on z-scored logits with loss.logit_standardize (CE always on the raw ones)
+        s_soft, t_soft = (standardize_logits(s_logits), standardize_logits(t_logits)) if w.logit_standardize \
+            else (s_logits, t_logits)
         formulas = {
             "ce": lambda: self.task.loss(s_logits, labels),
-            "kd": lambda: self.task.kd(s_logits, t_logits, w.temperature),
-            "dkd": lambda: decoupled_kd(s_logits, t_logits, labels, w.dkd_alpha, w.dkd_beta, w.temperature),
+            "kd": lambda: self.task.kd(s_soft, t_soft, w.temperature),
+            "dkd": lambda: decoupled_kd(s_soft, t_soft, labels, w.dkd_alpha, w.dkd_beta, w.temperature),
             "at": lambda: attention_transfer(s_groups, t_groups),
+            "cat": lambda: class_attention_transfer(self.class_maps("student", features[0]),
+                                                    self.class_maps("teacher", features[1]).detach(),
+                                                    w.cat_resolution, w.cat_normalize),
             "explain": lambda: explain_loss(*maps, self.explain.distance, mask=target >= 0),
         }
         return {name: formulas[name]() for name in w.active()}
@@ -425,7 +464,8 @@ class DistillModule(ClassifierModule):
             target = self.map_target(y, t_logits)
             t_maps = self.maps(self.teacher, t_logits, t_features, target, method, False).detach()
             maps = self.maps(self.model, s_logits, s_features, target, method, True), t_maps
-        return self.terms(y, s_logits, t_logits, s_groups, t_groups, target, maps), s_logits
+        features = (s_features, t_features.detach())
+        return self.terms(y, s_logits, t_logits, s_groups, t_groups, target, maps, features), s_logits
 
     def total_loss(self, terms: dict[str, Tensor]) -> Tensor:
         """``sum(weight(name) * term)`` at the current (1-based) epoch: the plain weighted sum."""
@@ -460,7 +500,8 @@ class DistillModule(ClassifierModule):
             maps = {method: (self.maps(self.model, s_logits, s_features, target, method, False).detach(),
                              self.maps(self.teacher, t_logits, t_features, target, method, False).detach())
                     for method in dict.fromkeys(methods) if method is not None}
-            terms = self.terms(y, s_logits, t_logits, s_groups, t_groups, target, maps.get(self.loss_method))
+            terms = self.terms(y, s_logits, t_logits, s_groups, t_groups, target, maps.get(self.loss_method),
+                               (s_features, t_features.detach()))
         terms = {name: value.detach() for name, value in terms.items()}
         t_logits, s_logits = t_logits.detach(), s_logits.detach()
         score = self.task.score_name

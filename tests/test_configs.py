@@ -97,7 +97,8 @@ def loss_table(tmp_path, *overrides: str) -> dict:
 
 def test_the_loss_table_takes_rows_from_kd_and_explain_and_the_command_line_wins(tmp_path):
     defaults = {"ce": 1.0, "kd": 0.0, "temperature": 4.0, "at": 0.0, "explain": 0.0, "dkd_alpha": 0.0,
-                "dkd_beta": 0.0, "dkd_warmup": 0}
+                "dkd_beta": 0.0, "dkd_warmup": 0, "cat": 0.0, "cat_resolution": 2, "cat_normalize": False,
+                "logit_standardize": False}
     assert loss_table(tmp_path) == defaults
     both = {**defaults, "kd": 1.0, "explain": 0.01}
     assert loss_table(tmp_path, "explain=gradcampp", "kd=hinton") == both  # both groups land, in either order

@@ -362,3 +362,199 @@ def test_explain_loss_trains_the_student_through_the_vgg_head():
     grads = torch.autograd.grad(terms["explain"], [student.features[0].weight, student.classifier[0].weight])
     assert all(g.abs().sum() > 0 for g in grads)  # second order through the head, down to the convs
     assert all(p.grad is None for p in module.teacher.parameters())
+
+
+# ====================================================================== the competing baselines (docs/baselines.md)
+def test_cat_term_of_a_wrn_batch_equals_an_independent_float64_computation():
+    """CAT-KD (Guo et al., CVPR 2023) from its equations on float64 copies of both WRNs:
+    ``CAM = W A`` for all 10 classes (the linear weight as a 1 x 1 convolution, no bias), each
+    8 x 8 map averaged over its four 4 x 4 quarters, then the mean squared difference; the
+    total is CE + 12 * CAT (kd=cat's beta)."""
+    module = make_module(LossWeights(ce=1.0, cat=12.0, cat_resolution=2), method=None).eval()
+    with torch.no_grad():  # biases that a CAM would wrongly include
+        for net in (module.model, module.teacher):
+            net.fc.bias.normal_()
+    x, y = batch(4, seed=5)
+    terms, _ = module.loss_terms(x, y)
+    student, teacher = copy.deepcopy(module.model).double(), copy.deepcopy(module.teacher).double()
+    with torch.no_grad():
+        cams = [torch.einsum("ck,bkhw->bchw", net.fc.weight, net.forward_features(x.double()))
+                for net in (student, teacher)]
+        logits = student.forward_head(student.forward_features(x.double()))
+    quarters = [c.reshape(4, 10, 2, 4, 2, 4).mean(dim=(3, 5)) for c in cams]  # (B, C, 2, 2)
+    cat = (quarters[0] - quarters[1]).pow(2).mean()
+    ce = -logits.log_softmax(1)[torch.arange(4), y].mean()
+    assert set(terms) == {"ce", "cat"}
+    assert float(terms["cat"].detach()) == pytest.approx(float(cat), rel=1e-4)
+    assert float(module.total_loss(terms).detach()) == pytest.approx(float(ce + 12.0 * cat), rel=1e-5)
+    module.train()
+    terms, _ = module.loss_terms(x, y)
+    grads = torch.autograd.grad(terms["cat"], [module.model.conv1.weight, module.model.fc.weight])
+    assert all(g.abs().sum() > 0 for g in grads)  # through the student's backbone and its head's weight
+    assert all(p.grad is None for p in module.teacher.parameters())
+
+
+class PooledMLP(torch.nn.Module):
+    """Pool, then two layers: the head pools first but is no single linear layer (no CAM of all classes)."""
+
+    def __init__(self, channels: int = 3, classes: int = 4):
+        super().__init__()
+        self.hidden, self.fc, self.num_classes = torch.nn.Linear(channels, 8), torch.nn.Linear(8, classes), classes
+
+    def forward_features(self, x):
+        return x * 1.0
+
+    def forward_head(self, a):
+        return self.fc(torch.relu(self.hidden(a.mean(dim=(2, 3)))))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def test_cat_refuses_a_head_that_is_not_pool_plus_linear_in_one_line():
+    from tests.support import PooledLinear
+
+    torch.manual_seed(0)
+    teacher = PooledLinear(torch.randn(4, 3).tolist(), [0.0] * 4)
+    module = DistillModule(PooledMLP(), teacher, optimizer=torch.optim.SGD, weights=LossWeights(cat=1.0))
+    with pytest.raises(ConfigError, match=r"kd=cat \(loss.cat > 0\) needs a global-average-pool \+ linear head, "
+                                          r"and the student PooledMLP's head is not one") as err:
+        module.loss_terms(torch.randn(2, 3, 4, 4), torch.tensor([0, 1]))
+    assert "\n" not in str(err.value)
+    flipped = DistillModule(teacher, PooledMLP(), optimizer=torch.optim.SGD, weights=LossWeights(cat=1.0))
+    with pytest.raises(ConfigError, match="the teacher PooledMLP's head is not one"):
+        flipped.loss_terms(torch.randn(2, 3, 4, 4), torch.tensor([0, 1]))
+
+
+def _zscore64(z: torch.Tensor) -> torch.Tensor:
+    """Sun et al.'s z-score in float64: ``(z - mean) / (std + 1e-7)``, std over ``C - 1``."""
+    z = z.double()
+    centred = z - z.mean(1, keepdim=True)
+    return centred / ((centred.pow(2).sum(1, keepdim=True) / (z.shape[1] - 1)).sqrt() + 1e-7)
+
+
+def test_logit_standardized_kd_and_dkd_terms_equal_float64_formulas():
+    """kd=hinton_ls's KD (T = 2) and kd=dkd_ls's DKD (alpha 12, beta 24, T = 2) on the module's
+    batch, from the logits z-scored in float64; CE stays on the raw logits."""
+    weights = LossWeights(ce=0.1, kd=9.0, temperature=2.0, dkd_alpha=12.0, dkd_beta=24.0, logit_standardize=True)
+    module = make_module(weights, method=None).eval()
+    x, y = batch(6, seed=7)
+    terms, _ = module.loss_terms(x, y)
+    with torch.no_grad():
+        s_raw, t_raw = module.model(x).double(), module.teacher(x).double()
+    ps, pt = (_zscore64(s_raw) / 2).softmax(1), (_zscore64(t_raw) / 2).softmax(1)
+    kd = 4 * (pt * (pt / ps).log()).sum(1).mean()
+    rows, target = torch.arange(6), F.one_hot(y, 10).bool()
+    bs = torch.stack([ps[rows, y], 1 - ps[rows, y]], 1)
+    bt = torch.stack([pt[rows, y], 1 - pt[rows, y]], 1)
+    hs = ps.masked_fill(target, 0) / (1 - ps[rows, y])[:, None]
+    ht = pt.masked_fill(target, 0) / (1 - pt[rows, y])[:, None]
+    nckd = (ht * (ht / hs.masked_fill(target, 1)).log().masked_fill(target, 0)).sum(1)
+    dkd = 4 * (12.0 * (bt * (bt / bs).log()).sum(1) + 24.0 * nckd).mean()
+    ce = -s_raw.log_softmax(1)[rows, y].mean()
+    assert float(terms["kd"]) == pytest.approx(float(kd), rel=1e-4)
+    assert float(terms["dkd"]) == pytest.approx(float(dkd), rel=1e-4)
+    assert float(terms["ce"]) == pytest.approx(float(ce), rel=1e-5)
+    plain = make_module(LossWeights(ce=0.1, kd=9.0, temperature=2.0), method=None).eval()
+    assert float(plain.loss_terms(x, y)[0]["kd"]) != pytest.approx(float(kd), rel=1e-2)  # the switch matters
+
+
+def test_logit_standardize_is_refused_for_a_multilabel_task():
+    from tests.support import PooledLinear
+
+    net = PooledLinear(torch.randn(4, 3).tolist(), [0.0] * 4)
+    with pytest.raises(ConfigError, match="loss.logit_standardize=false"):
+        DistillModule(net, copy.deepcopy(net), weights=LossWeights(kd=1.0, logit_standardize=True),
+                      task=MultilabelTask(4))
+
+
+def test_e2kd_option_equals_kd_plus_one_minus_cosine_of_the_teachers_top1_gradcam(compose):
+    """explain=e2kd as composed (Parchami-Araghi et al., ECCV 2024): T^2 KL at T = 1 plus
+    lambda * (1 - cos(E_T, E_S)), lambda = 1, no CE, E the Grad-CAM map of the teacher's top-1
+    class. On pool + linear networks whose features are the image, that map is written out:
+    ``ReLU(sum_k W[c, k] / Z * A_k)``."""
+    from tests.support import PooledLinear
+
+    cfg = compose(["explain=e2kd"])
+    weights = LossWeights(**cfg.loss)
+    settings = ExplainSettings(method=cfg.explain.method, distance=cfg.explain.distance, target=cfg.explain.target)
+    g = torch.Generator().manual_seed(11)
+    w_s, w_t = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    b_s, b_t = torch.randn(5, generator=g), torch.randn(5, generator=g)
+    student, teacher = PooledLinear(w_s.tolist(), b_s.tolist()), PooledLinear(w_t.tolist(), b_t.tolist())
+    module = DistillModule(student, teacher, optimizer=torch.optim.SGD, weights=weights, explain=settings)
+    x, y = torch.randn(6, 3, 4, 4, generator=g), torch.randint(0, 5, (6,), generator=g)
+    terms, _ = module.loss_terms(x, y)
+
+    x64, pooled = x.double(), x.double().mean(dim=(2, 3))
+    zs, zt = pooled @ w_s.double().T + b_s.double(), pooled @ w_t.double().T + b_t.double()
+    top1 = zt.argmax(1)
+    assert not torch.equal(top1, y)  # the teacher's class, not the label, decides the maps here
+
+    def gradcam(w):
+        return F.relu(torch.einsum("bk,bkhw->bhw", w.double()[top1] / 16, x64)).flatten(1)
+
+    e_s, e_t = gradcam(w_s), gradcam(w_t)
+    explain = (1 - (e_s * e_t).sum(1) / (e_s.norm(dim=1) * e_t.norm(dim=1))).mean()
+    pt, ps = zt.softmax(1), zs.softmax(1)
+    kd = (pt * (pt / ps).log()).sum(1).mean()
+    assert (weights.ce, weights.kd, weights.temperature, weights.explain) == (0.0, 1.0, 1.0, 1.0)
+    assert float(terms["explain"]) == pytest.approx(float(explain), rel=1e-5)
+    assert float(terms["kd"]) == pytest.approx(float(kd), rel=1e-5)
+    assert float(module.total_loss(terms)) == pytest.approx(float(kd + explain), rel=1e-5)
+    assert student.fc.weight in {p for p in module.parameters()} and torch.autograd.grad(
+        terms["explain"], student.fc.weight)[0].abs().sum() > 0  # the student's map is in the graph
+
+
+@pytest.mark.parametrize(("overrides", "rows"), [
+    (["kd=cat", "explain=e2kd"], {"ce": 1.0, "cat": 12.0, "cat_resolution": 2, "kd": 1.0, "temperature": 1.0,
+                                  "explain": 1.0}),
+    (["kd=hinton", "explain=e2kd"], {"ce": 1.0, "kd": 1.0, "temperature": 4.0, "explain": 1.0}),
+    (["kd=hinton_ls", "explain=gradcampp", "data=cifar100"], {"ce": 0.1, "kd": 9.0, "temperature": 2.0,
+                                                              "logit_standardize": True, "explain": 0.01}),
+    (["kd=dkd_ls", "explain=e2kd", "student=wrn16_2"], {"ce": 1.0, "dkd_alpha": 12.0, "dkd_beta": 24.0,
+                                                        "temperature": 2.0, "logit_standardize": True, "kd": 1.0}),
+    (["kd=cat", "loss.cat=3", "loss.kd=1", "loss.logit_standardize=true"], {"cat": 3.0, "kd": 1.0,
+                                                                          "logit_standardize": True}),
+])
+def test_the_baseline_options_compose_with_each_other_and_with_other_options(compose, overrides, rows):
+    """kd=... sets its rows after explain=... (the defaults list's order), so kd=hinton explain=e2kd
+    is CE + KD at T = 4 + e2KD's map term; every composed table builds the module's settings."""
+    cfg = compose(overrides)
+    assert {key: cfg.loss[key] for key in rows} == rows
+    weights = LossWeights(**cfg.loss)
+    if "explain=e2kd" in overrides:
+        assert (cfg.explain.method, cfg.explain.distance, cfg.explain.target) == ("gradcam", "cosine", "teacher_pred")
+    assert "cat" in weights.active() or weights.cat == 0
+
+
+@pytest.mark.slow
+def test_cat_and_e2kd_train_through_train_py_and_log_their_terms(tmp_path):
+    import json
+
+    from tests.support import run_train
+
+    proc = run_train(["experiment=smoke", "logger=none", "kd=cat", "explain=e2kd", "optim.optimizer.lr=0.05",
+                      "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.num_sanity_val_steps=0",
+                      "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = (tmp_path / "logs").rglob("metrics.json")
+    metrics = json.loads(path.read_text())["metrics"]
+    for key in [f"{stage}/{term}" for stage in ("train", "val", "test") for term in ("ce", "kd", "cat", "explain")]:
+        assert math.isfinite(metrics[key]), key
+    assert metrics["test/loss"] == pytest.approx(metrics["test/ce"] + metrics["test/kd"] + 12 * metrics["test/cat"]
+                                                 + metrics["test/explain"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_cat_with_a_student_whose_head_is_not_pool_plus_linear_stops_with_one_line(tmp_path):
+    from tests.support import run_train
+
+    proc = run_train(["experiment=smoke", "logger=none", "kd=cat", "student=timm", "student.arch=mobilenetv3_small_050",
+                      "data.image_size=32", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+                      "trainer.num_sanity_val_steps=0"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [line for line in proc.stderr.splitlines() if "kd=cat" in line], proc.stderr[-2000:]
+    assert len(errors) == 1 and "needs a global-average-pool + linear head" in errors[0]
+    assert "Traceback" not in proc.stderr

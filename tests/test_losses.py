@@ -20,11 +20,15 @@ from distill.losses import (
     MAP_NORM_EPS,
     attention_map,
     attention_transfer,
+    class_activation_maps,
+    class_attention_transfer,
+    decoupled_kd,
     explain_loss,
     hinton_kd,
     map_cosine,
     masked_bce,
     multilabel_kd,
+    standardize_logits,
 )
 
 KINDS = ("squared_l2", "normalized_squared_l2", "cosine")
@@ -422,3 +426,148 @@ def test_one_map_norm_epsilon_in_the_distances_and_the_map_cosine():
     s = torch.tensor([[[0.0, 1e-9], [0.0, 0.0]]], requires_grad=True)
     (grad,) = torch.autograd.grad(explain_loss(s, t, "cosine"), s)
     torch.testing.assert_close(grad, -t / 5 / 1e-6, rtol=1e-5, atol=0)
+
+
+# --------------------------------------------------------------------------- CAT-KD (Guo et al., CVPR 2023)
+def _adaptive_pool_np(maps: np.ndarray, r: int) -> np.ndarray:
+    """Adaptive average pooling ``(..., h, w) -> (..., r, r)`` written out: cell ``i`` averages rows
+    ``floor(i h / r) .. ceil((i + 1) h / r) - 1`` (overlapping when ``r`` does not divide ``h``)."""
+    h, w = maps.shape[-2:]
+    out = np.empty((*maps.shape[:-2], r, r))
+    for i in range(r):
+        for j in range(r):
+            rows = slice(i * h // r, -(-(i + 1) * h // r))
+            cols = slice(j * w // r, -(-(j + 1) * w // r))
+            out[..., i, j] = maps[..., rows, cols].mean(axis=(-2, -1))
+    return out
+
+
+def _cat_np(s_feat, s_weight, t_feat, t_weight, r: int, normalize: bool) -> float:
+    """CAT-KD from its equations in float64: ``CAM = W A`` for every class, pooled to ``r x r``,
+    optionally divided by each map's L2 norm, then the mean squared difference."""
+    cams = [np.einsum("ck,bkhw->bchw", _np(w), _np(a)) for a, w in ((s_feat, s_weight), (t_feat, t_weight))]
+    pooled = [_adaptive_pool_np(c, r) for c in cams]
+    if normalize:
+        pooled = [p / np.sqrt((p**2).sum(axis=(-2, -1), keepdims=True)) for p in pooled]
+    return float(((pooled[0] - pooled[1]) ** 2).mean())
+
+
+def test_cat_hand_worked():
+    """One image, one class, one channel, r = 1: the pooled CAMs are the weighted means,
+    1 * mean(1, 2, 3, 4) = 2.5 and 2 * mean(0, 0, 0, 2) = 1, so the loss is 1.5^2."""
+    student = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    teacher = torch.tensor([[[[0.0, 0.0], [0.0, 2.0]]]])
+    s_cams = class_activation_maps(student, torch.tensor([[1.0]]))
+    t_cams = class_activation_maps(teacher, torch.tensor([[2.0]]))
+    assert torch.equal(t_cams, 2 * teacher)
+    assert float(class_attention_transfer(s_cams, t_cams, resolution=1)) == pytest.approx(2.25)
+    # normalised, each 1 x 1 map is its sign: both +1, no difference
+    assert float(class_attention_transfer(s_cams, t_cams, resolution=1, normalize=True)) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(("size", "r", "normalize"), [(8, 2, False), (8, 2, True), (5, 2, False), (3, 4, True)])
+def test_cat_matches_numpy_float64(size, r, normalize):
+    """Student and teacher with other widths and (for 5 -> 3) other map sizes, 7 classes."""
+    g = _rng(3)
+    s_feat, t_feat = torch.randn(4, 6, size, size, generator=g), torch.randn(4, 10, size - 2, size - 2, generator=g)
+    s_weight, t_weight = torch.randn(7, 6, generator=g), torch.randn(7, 10, generator=g)
+    got = class_attention_transfer(class_activation_maps(s_feat, s_weight), class_activation_maps(t_feat, t_weight),
+                                   resolution=r, normalize=normalize)
+    assert float(got) == pytest.approx(_cat_np(s_feat, s_weight, t_feat, t_weight, r, normalize), rel=1e-5)
+
+
+def test_cat_gradcheck_through_the_student_features_and_weight():
+    g = _rng(4)
+    t_cams = class_activation_maps(torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g),
+                                   torch.randn(3, 3, dtype=torch.float64, generator=g))
+    feat = torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(3, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    for normalize in (False, True):
+        def loss(f, w, normalize=normalize):
+            return class_attention_transfer(class_activation_maps(f, w), t_cams, resolution=2, normalize=normalize)
+
+        assert torch.autograd.gradcheck(loss, (feat, weight), fast_mode=True)
+
+
+def test_cat_refuses_other_class_counts():
+    with pytest.raises(ValueError, match="differ in batch or class count"):
+        class_attention_transfer(torch.zeros(2, 5, 4, 4), torch.zeros(2, 6, 4, 4))
+
+
+# --------------------------------------------------------------------------- logit standardisation (Sun et al.)
+def _zscore_np(z: np.ndarray) -> np.ndarray:
+    """``(z - mean) / (std + 1e-7)`` per row, ``std`` with ``C - 1`` in the denominator (the reference code)."""
+    return (z - z.mean(1, keepdims=True)) / (z.std(1, ddof=1, keepdims=True) + 1e-7)
+
+
+def _kd_np(zs: np.ndarray, zt: np.ndarray, temperature: float) -> float:
+    """``T^2 mean_b KL(softmax(z_T / T) || softmax(z_S / T))`` in float64."""
+    def log_softmax(z):
+        z = z / temperature
+        return z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+
+    lt, ls = log_softmax(zt), log_softmax(zs)
+    return float(temperature**2 * (np.exp(lt) * (lt - ls)).sum(1).mean())
+
+
+def test_standardize_logits_hand_worked():
+    """(1, 2, 3): mean 2, sample standard deviation 1, so (-1, 0, 1) / (1 + 1e-7)."""
+    got = standardize_logits(torch.tensor([[1.0, 2.0, 3.0], [10.0, 10.0, 16.0]], dtype=torch.float64))
+    expected = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, -2.0, 4.0]], dtype=torch.float64) / torch.tensor(
+        [[1 + 1e-7], [math.sqrt(12) + 1e-7]], dtype=torch.float64)  # (-2, -2, 4): variance 24 / 2 = 12
+    assert torch.allclose(got, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0, 4.0])
+def test_kd_on_standardized_logits_matches_numpy_float64(temp):
+    g = _rng(5)
+    zs, zt = torch.randn(6, 10, generator=g) * 3, torch.randn(6, 10, generator=g) * 8 + 2
+    got = hinton_kd(standardize_logits(zs), standardize_logits(zt), temp)
+    assert float(got) == pytest.approx(_kd_np(_zscore_np(_np(zs)), _zscore_np(_np(zt)), temp), rel=1e-5)
+
+
+def test_kd_on_standardized_logits_ignores_the_student_logits_shift_and_scale():
+    """The point of the method: a student whose logits are an affine image ``a z + b`` (a > 0) of
+    the teacher's has zero standardised KD, while plain KD still penalises the range mismatch."""
+    g = _rng(6)
+    zt = torch.randn(5, 10, generator=g, dtype=torch.float64)
+    zs = 0.25 * zt + torch.randn(5, 1, generator=g, dtype=torch.float64)  # other range and offset per sample
+    assert float(hinton_kd(standardize_logits(zs), standardize_logits(zt), 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(hinton_kd(zs, zt, 2.0)) > 1e-2
+
+
+def _dkd_np(zs: np.ndarray, zt: np.ndarray, labels: np.ndarray, alpha: float, beta: float, temperature: float):
+    """DKD (Zhao et al., CVPR 2022, Eq. 1-7) in float64 from probabilities: ``b = (p_t, 1 - p_t)``,
+    ``p_hat`` the softmax renormalised over the non-target classes,
+    ``T^2 mean_b (alpha KL(b^T || b^S) + beta KL(p_hat^T || p_hat^S))``."""
+    def softmax(z):
+        e = np.exp(z / temperature - (z / temperature).max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    ps, pt = softmax(zs), softmax(zt)
+    rows = np.arange(len(labels))
+    bs = np.stack([ps[rows, labels], 1 - ps[rows, labels]], 1)
+    bt = np.stack([pt[rows, labels], 1 - pt[rows, labels]], 1)
+    tckd = (bt * np.log(bt / bs)).sum(1)
+    keep = np.ones_like(ps, dtype=bool)
+    keep[rows, labels] = False
+    hs = ps[keep].reshape(len(labels), -1)
+    ht = pt[keep].reshape(len(labels), -1)
+    hs, ht = hs / hs.sum(1, keepdims=True), ht / ht.sum(1, keepdims=True)
+    nckd = (ht * np.log(ht / hs)).sum(1)
+    return float(temperature**2 * (alpha * tckd + beta * nckd).mean())
+
+
+def test_dkd_on_standardized_logits_matches_numpy_float64():
+    """kd=dkd_ls's values: alpha 12, beta 24, T = 2."""
+    g = _rng(7)
+    zs, zt = torch.randn(6, 10, generator=g) * 2, torch.randn(6, 10, generator=g) * 6
+    labels = torch.randint(0, 10, (6,), generator=g)
+    got = decoupled_kd(standardize_logits(zs), standardize_logits(zt), labels, 12.0, 24.0, 2.0)
+    expected = _dkd_np(_zscore_np(_np(zs)), _zscore_np(_np(zt)), labels.numpy(), 12.0, 24.0, 2.0)
+    assert float(got) == pytest.approx(expected, rel=1e-4)
+
+
+def test_standardize_logits_gradcheck():
+    z = torch.randn(3, 5, dtype=torch.float64, generator=_rng(8), requires_grad=True)
+    assert torch.autograd.gradcheck(standardize_logits, (z,))

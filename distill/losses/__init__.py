@@ -1,16 +1,21 @@
-"""Distillation losses: Hinton KD, decoupled KD, attention transfer, and the explanation loss."""
+"""Distillation losses: Hinton KD (optionally on standardised logits), decoupled KD, attention transfer,
+class attention transfer (CAT-KD), and the explanation loss."""
 
 from distill.losses.attention import attention_map, attention_transfer
+from distill.losses.cat import class_activation_maps, class_attention_transfer
 from distill.losses.dkd import decoupled_kd, dkd_parts, dkd_warmup
 from distill.losses.explain import DISTANCES, MAP_NORM_EPS, explain_loss, map_cosine, match_size
-from distill.losses.kd import hinton_kd
+from distill.losses.kd import STANDARDIZE_EPS, hinton_kd, standardize_logits
 from distill.losses.multilabel import masked_bce, multilabel_kd
 
 __all__ = [
     "DISTANCES",
     "MAP_NORM_EPS",
+    "STANDARDIZE_EPS",
     "attention_map",
     "attention_transfer",
+    "class_activation_maps",
+    "class_attention_transfer",
     "decoupled_kd",
     "dkd_parts",
     "dkd_warmup",
@@ -20,4 +25,5 @@ __all__ = [
     "masked_bce",
     "match_size",
     "multilabel_kd",
+    "standardize_logits",
 ]

@@ -15,3 +15,17 @@ def hinton_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float
     log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
     return kl * temperature**2
+
+
+# Logit standardisation's epsilon, added to the standard deviation (not under the square root), as
+# in the reference code (sunshangquan/logit-standardization-KD, mdistiller/distillers/KD.py: normalize).
+STANDARDIZE_EPS = 1e-7
+
+
+def standardize_logits(logits: Tensor) -> Tensor:
+    """Each sample's logits z-scored, ``(z - mean(z)) / (std(z) + 1e-7)`` over the classes, with the
+    unbiased standard deviation (``C - 1`` in the denominator, ``torch.std``'s default, as in the
+    reference code): ``(B, C) -> (B, C)`` (Sun et al., "Logit Standardization in Knowledge
+    Distillation", CVPR 2024)."""
+    mean = logits.mean(dim=1, keepdim=True)
+    return (logits - mean) / (logits.std(dim=1, keepdim=True) + STANDARDIZE_EPS)
