@@ -112,7 +112,8 @@ class CountTestImages(pl.Callback):
         self.count = 0
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.count += len(batch[0])
+        if dataloader_idx == 0:  # 1: the same images with a conflicting cue (data.shortcut)
+            self.count += len(batch[0])
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = trainer.strategy.reduce(torch.tensor(float(self.count), device=pl_module.device), reduce_op="sum")

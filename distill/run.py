@@ -24,7 +24,7 @@ from distill.files import write_json
 from distill.loggers import build_logger, finish_logger, remember_wandb_run
 from distill.module import ClassifierModule, DistillModule, ExplainSettings, LossWeights
 from distill.resume import hydra_overrides, resume_config
-from distill.teacher import resolve_teacher, target_checkpoint, train_teacher
+from distill.teacher import resolve_teacher, target_checkpoint, teacher_config, train_teacher
 
 log = logging.getLogger("distill")
 
@@ -43,8 +43,8 @@ def fit_and_test(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.Lig
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = floats(trainer.callback_metrics)
     if cfg.get("test_after_fit", True):
-        tested = trainer.test(module, datamodule=datamodule, verbose=False)
-        metrics.update(floats(tested[0] if tested else {}))
+        for tested in trainer.test(module, datamodule=datamodule, verbose=False):  # one dict per test loader
+            metrics.update(floats(tested))
     paths = {"checkpoint/best": callbacks["best_checkpoint"].best_model_path,
              "checkpoint/last": callbacks["last_checkpoint"].best_model_path}
     if logger is not None:
@@ -71,7 +71,8 @@ def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
     student = build.check_contract(cfg, "student", build.network(cfg, "student"))
     if not cfg.teacher.get("as_is"):  # a teacher trained first must fit the contract before it is trained
         build.check_contract(cfg, "teacher", build.network(cfg, "teacher", weights_from_checkpoint=True))
-    teacher, teacher_path = resolve_teacher(cfg, datamodule, train_classifier)
+    teacher_cfg, teacher_data = teacher_datamodule(cfg, datamodule)
+    teacher, teacher_path, data_differences = resolve_teacher(teacher_cfg, teacher_data, train_classifier)
     build.check_contract(cfg, "teacher", teacher)
     weights = LossWeights(**OmegaConf.to_container(cfg.loss, resolve=True))
     settings = ExplainSettings(method=cfg.explain.method, distance=cfg.explain.distance, target=cfg.explain.target,
@@ -85,7 +86,25 @@ def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
     build.compiled(cfg, "student", module.model)
     build.compiled(cfg, "teacher", module.teacher)
     result = fit_and_test(cfg, module, datamodule, "distill")
-    return {**result, "teacher_checkpoint": str(teacher_path) if teacher_path else None}
+    return {**result, "teacher_checkpoint": str(teacher_path) if teacher_path else None,
+            "teacher_data": build.identity(teacher_cfg, "teacher", teacher_data)["data"],
+            "teacher_data_differences": data_differences}
+
+
+def teacher_datamodule(cfg: DictConfig, datamodule: pl.LightningDataModule) -> tuple[DictConfig, pl.LightningDataModule]:
+    """The teacher's config and data (``distill.teacher.teacher_config``: the full, clean training set,
+    or ``teacher_data``'s), checked to have the student's classes; ``(cfg, datamodule)`` when they are the same."""
+    teacher_cfg = teacher_config(cfg)
+    if teacher_cfg is cfg:
+        return cfg, datamodule
+    teacher_data = prepare_data(teacher_cfg)
+    classes = [(int(c.data.num_classes), getattr(dm, "class_names", None))
+               for c, dm in ((teacher_cfg, teacher_data), (cfg, datamodule))]
+    if classes[0] != classes[1]:
+        raise ConfigError(f"the teacher's data ({teacher_cfg.data.get('root') or teacher_cfg.data.name}) has the "
+                          f"classes {classes[0][1] or classes[0][0]}, the student's ({cfg.data.get('root') or cfg.data.name}) "
+                          f"{classes[1][1] or classes[1][0]}: teacher_data must have the same classes")
+    return teacher_cfg, teacher_data
 
 
 def prepare_data(cfg: DictConfig) -> pl.LightningDataModule:
@@ -111,6 +130,8 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"stage '{cfg.stage}' is unknown; choose one of {STAGES}")
     check_model_options(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.stage == "teacher":  # a teacher trains on the full, clean training set (distill.teacher)
+        cfg = teacher_config(cfg)
     datamodule = prepare_data(cfg)
     console.quiet_choices(datamodule, cfg.trainer.get("accelerator"))
     if cfg.stage == "teacher":
