@@ -91,19 +91,23 @@ def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
             "teacher_data_differences": data_differences}
 
 
-def teacher_datamodule(cfg: DictConfig, datamodule: pl.LightningDataModule) -> tuple[DictConfig, pl.LightningDataModule]:
-    """The teacher's config and data (``distill.teacher.teacher_config``: the full, clean training set,
-    or ``teacher_data``'s), checked to have the student's classes; ``(cfg, datamodule)`` when they are the same."""
+def teacher_datamodule(cfg: DictConfig,
+                       datamodule: pl.LightningDataModule) -> tuple[DictConfig, pl.LightningDataModule]:
+    """The teacher's config and data (``distill.teacher.teacher_config``: the full, clean training
+    set, or ``teacher_data``'s), checked to have the student's classes; ``(cfg, datamodule)`` when
+    they are the same."""
     teacher_cfg = teacher_config(cfg)
     if teacher_cfg is cfg:
         return cfg, datamodule
     teacher_data = prepare_data(teacher_cfg)
-    classes = [(int(c.data.num_classes), getattr(dm, "class_names", None))
-               for c, dm in ((teacher_cfg, teacher_data), (cfg, datamodule))]
-    if classes[0] != classes[1]:
-        raise ConfigError(f"the teacher's data ({teacher_cfg.data.get('root') or teacher_cfg.data.name}) has the "
-                          f"classes {classes[0][1] or classes[0][0]}, the student's ({cfg.data.get('root') or cfg.data.name}) "
-                          f"{classes[1][1] or classes[1][0]}: teacher_data must have the same classes")
+
+    def classes(c: DictConfig, dm: pl.LightningDataModule) -> tuple[str, list | int]:
+        return c.data.get("root") or c.data.name, getattr(dm, "class_names", None) or int(c.data.num_classes)
+
+    (t_where, t_classes), (s_where, s_classes) = classes(teacher_cfg, teacher_data), classes(cfg, datamodule)
+    if t_classes != s_classes:
+        raise ConfigError(f"the teacher's data ({t_where}) has the classes {t_classes}, the student's ({s_where}) "
+                          f"{s_classes}: teacher_data must have the same classes")
     return teacher_cfg, teacher_data
 
 
