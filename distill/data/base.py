@@ -371,15 +371,20 @@ class BaseDataModule(pl.LightningDataModule):
 
     def conflict_images(self) -> Dataset:
         """:meth:`test_images` with a conflicting cue (:class:`~distill.data.shortcut.ConflictingCue`:
-        items ``(image, label, cue class)``); only with ``data.shortcut``."""
-        images = self.test_images()
-        return ConflictingCue(images, self.cue, dataset_labels(images))
+        items ``(image, label, cue class, cue box)``), in the same order; only with ``data.shortcut``.
+        The cue of a test image is fixed by ``subset_seed`` whatever the training seed."""
+        self.setup("test")
+        stamped = ConflictingCue(self.test_set, self.cue, dataset_labels(self.test_set))
+        return self.evaluation_view(stamped, self.test_subset, self.seed + 3, "test_subset", "test images")
 
     def panel_images(self) -> Dataset:
         """The images the explanation panel draws: :meth:`validation_images`, with ``data.shortcut``
         stamped with a conflicting cue (so the panel shows whether a map follows the cue)."""
         images = self.validation_images()
-        return images if self.cue is None else ConflictingCue(images, self.cue, dataset_labels(images))
+        if self.cue is None:
+            return images
+        stamped = ConflictingCue(self.val_set, self.cue, dataset_labels(self.val_set))
+        return self.evaluation_view(stamped, self.val_subset, self.seed + 2, "val_subset", "validation images")
 
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
         """The test images; with ``data.shortcut`` a second loader of them with a conflicting cue

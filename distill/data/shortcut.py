@@ -124,7 +124,8 @@ class ConflictingCue(Dataset):
 
     def __init__(self, dataset: Dataset, shortcut: Shortcut, labels: Sequence[int]):
         self.dataset, self.shortcut = dataset, shortcut
-        self.cue = shortcut.conflicting(labels)
+        self.targets = [int(c) for c in labels]  # what distill.data.base.dataset_labels reads
+        self.cue = shortcut.conflicting(self.targets)  # per image of dataset, whatever order it is read in
 
     def __len__(self) -> int:
         return len(self.dataset)
