@@ -188,7 +188,7 @@ def cue_lines(metrics: dict[str, float]) -> list[str]:
         return []
     distilled = "test/teacher_cue_follow" in metrics
     rows = [("teacher", "conflict_teacher_acc", "teacher_")] if distilled else []
-    rows.append(("student" if distilled else "model", "conflict_acc", ""))
+    rows.append(("student", "conflict_acc", ""))
     lines = ["  with a conflicting cue (data.shortcut):"]
     for who, acc, key in rows:
         mass = metrics.get(f"test/{key}cue_map_mass")
