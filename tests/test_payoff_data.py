@@ -86,8 +86,13 @@ def test_per_class_on_imagenet_layout_cifar_on_device_and_synthetic(tmp_path, mo
 
     monkeypatch.setattr(tv_cifar.CIFAR10, "_check_integrity", lambda self: True)  # tiny files: no md5 match
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
-    raw = write_cifar100(tmp_path / "c100", n_train=120)
+    raw = write_cifar100(tmp_path / "c100", n_train=2000)
     smallest = min(Counter(raw["train_y"].tolist()).get(c, 0) for c in range(100))
+    assert smallest >= 1
+    c100 = CIFAR100DataModule(tmp_path / "c100", download=False, per_class=smallest, num_workers=0)
+    c100.setup("fit")
+    picked = Counter(raw["train_y"][c100.train_set.indices].tolist())  # the pickles' own labels
+    assert picked == {c: smallest for c in range(100)}
     c100 = CIFAR100DataModule(tmp_path / "c100", download=False, per_class=smallest + 1, num_workers=0)
     with pytest.raises(ConfigError, match=rf"data.per_class={smallest + 1} exceeds the {smallest} training images "
                                           r"of \w+, the smallest class") as info:
