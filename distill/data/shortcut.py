@@ -100,6 +100,13 @@ class Shortcut:
         return out
 
 
+    def stamp_one(self, image: Tensor, cue: int) -> Tensor:
+        """One ``(3, H, W)`` normalised image with the square of class ``cue`` drawn (a new tensor)."""
+        out = image.clone()
+        out[:, : self.side, : self.side] = self.normalised_colours[cue].to(out)[:, None, None]
+        return out
+
+
 class StampedTraining(Dataset):
     """``dataset`` (items ``(image tensor (3, H, W), label)``, after augmentation) with the cue of the
     label stamped into the items whose full-set index ``base_index[i]`` has ``present`` True."""
@@ -114,7 +121,7 @@ class StampedTraining(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         image, label = self.dataset[i]
         if self.present[i]:
-            image = self.shortcut.stamp(torch.as_tensor(image)[None], torch.tensor([label]))[0]
+            image = self.shortcut.stamp_one(torch.as_tensor(image), int(label))
         return image, label
 
 
@@ -132,8 +139,8 @@ class ConflictingCue(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int, int, Tensor]:
         image, label = self.dataset[i][:2]
-        cue = self.cue[i : i + 1]
-        return self.shortcut.stamp(torch.as_tensor(image)[None], cue)[0], int(label), int(cue), self.shortcut.box()
+        cue = int(self.cue[i])
+        return self.shortcut.stamp_one(torch.as_tensor(image), cue), int(label), cue, self.shortcut.box()
 
 
 __all__ = ["ConflictingCue", "Shortcut", "StampedTraining"]
