@@ -311,6 +311,7 @@ def test_smoke_few_shot_shortcut_run_records_the_cue_metrics_and_a_clean_full_te
                 "test/conflict_agreement", "test/conflict_map_cosine", "test/conflict_teacher_acc"):
         assert np.isfinite(metrics[key]), key
     assert metrics["test/num_images"] == 64  # the clean test images, not counted twice
+    assert "with a conflicting cue (data.shortcut):" in proc.stdout and "follows the cue" in proc.stdout
     assert result["teacher_data_differences"] == []
     assert "per_class" not in result["teacher_data"] and "shortcut" not in result["teacher_data"]
     record = json.loads(Path(result["teacher_checkpoint"]).with_suffix(".json").read_text())
