@@ -74,8 +74,10 @@ class ExplanationPanel(pl.Callback):
         return [(role, self.method) for role in ("teacher", "student") if role in pl_module.networks()]
 
     def pick_images(self, trainer: pl.Trainer) -> None:
-        """Keep the first ``num_images`` of the validation set's class-interleaved order."""
-        dataset = trainer.datamodule.validation_images()
+        """Keep the first ``num_images`` of the validation set's class-interleaved order (with
+        ``data.shortcut``, stamped with a conflicting cue: ``BaseDataModule.panel_images``)."""
+        datamodule = trainer.datamodule
+        dataset = getattr(datamodule, "panel_images", datamodule.validation_images)()
         items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
         self.images = torch.stack([torch.as_tensor(item[0]) for item in items])
         self.labels = torch.stack([torch.as_tensor(item[1]) for item in items])  # (N,) or multi-hot (N, C)

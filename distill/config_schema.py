@@ -61,6 +61,13 @@ class Target(Open):
 
 
 # ------------------------------------------------------------------------------------------- data
+class Shortcut(Strict):
+    """``data.shortcut``: the class-coded cue of the shortcut benchmark (distill.data.shortcut)."""
+
+    p: Fraction | None = None  # None: off
+    size: PosInt = 4
+
+
 class DataBase(Strict):
     """The keys every DataModule of distill.data takes (distill.data.base.BaseDataModule)."""
 
@@ -76,6 +83,9 @@ class DataBase(Strict):
     val_subset: PosInt | None = None
     test_subset: PosInt | None = None
     augment: bool = True
+    per_class: PosInt | None = None  # few-shot: per_class training images of every class
+    subset_seed: NonNegInt = 0
+    shortcut: Shortcut | None = None
 
 
 class CifarData(DataBase):
@@ -392,6 +402,7 @@ class Train(Common):
     task: Task
     callbacks: Callbacks
     data: dict[str, Any]  # checked by its own family's model (DATA)
+    teacher_data: dict[str, Any] | None = None  # keys of data replaced for the teacher (distill.teacher)
     teacher: Model
     student: Model
     explain: Explain

@@ -112,7 +112,8 @@ class CountTestImages(pl.Callback):
         self.count = 0
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.count += len(batch[0])
+        if dataloader_idx == 0:  # 1: the same images with a conflicting cue (data.shortcut)
+            self.count += len(batch[0])
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = trainer.strategy.reduce(torch.tensor(float(self.count), device=pl_module.device), reduce_op="sum")
@@ -180,6 +181,23 @@ def metrics_table(result: dict) -> list[str]:
             for r in table]
 
 
+def cue_lines(metrics: dict[str, float]) -> list[str]:
+    """With ``data.shortcut``: per network, its accuracy on the test images with a conflicting cue,
+    the share of its predictions that are the cue's class and the cue's share of its map's mass."""
+    if "test/conflict_acc" not in metrics:
+        return []
+    distilled = "test/teacher_cue_follow" in metrics
+    rows = [("teacher", "conflict_teacher_acc", "teacher_")] if distilled else []
+    rows.append(("student", "conflict_acc", ""))
+    lines = ["  with a conflicting cue (data.shortcut):"]
+    for who, acc, key in rows:
+        mass = metrics.get(f"test/{key}cue_map_mass")
+        lines.append(f"    {who}: accuracy {100 * metrics[f'test/{acc}']:.2f} %, follows the cue "
+                     f"{100 * metrics[f'test/{key}cue_follow']:.2f} %"
+                     + (f", map mass on the cue {100 * mass:.2f} %" if mass is not None else ""))
+    return lines
+
+
 def offline_wandb_runs(run_dir: Path) -> list[Path]:
     return sorted((Path(run_dir) / "wandb").glob("offline-run-*"))
 
@@ -197,7 +215,7 @@ def report_run(result: dict, run_dir: Path) -> str:
             lines.append(f"Test metrics on a PARTIAL test set ({used:,} of {coverage['of']:,} images):")
         else:
             lines.append(f"Test metrics ({f'{used:,} test images' if used is not None else 'the test split'}):")
-        lines += table
+        lines += table + cue_lines(result.get("metrics", {}))
         if note:
             lines.append("  (data.test_subset / trainer.limit_test_batches: not comparable to whole-test-set numbers)")
     else:

@@ -15,7 +15,10 @@ from typing import Any
 from distill.models import RUN_KEYS
 
 # Data options that change what a network is trained on (not how fast it is read).
-DATA_KEYS = ("name", "root", "num_classes", "image_size", "train_subset", "val_split", "augment", "max_objects")
+DATA_KEYS = ("name", "root", "num_classes", "image_size", "train_subset", "per_class", "val_split", "augment",
+             "max_objects")
+# Data options that shape the student's distillation set only: a teacher trains without them (distill.teacher)
+STUDENT_ONLY_KEYS = ("per_class", "shortcut")
 
 
 def network_identity(node: dict) -> dict[str, Any]:
@@ -30,7 +33,11 @@ def data_identity(node: dict, class_names: list[str] | None = None, seed: int | 
         identity["root"] = str(Path(identity["root"]).expanduser().resolve())
     if class_names:
         identity["classes"] = list(class_names)
-    if node.get("train_subset") or node.get("val_split"):
+    if (node.get("shortcut") or {}).get("p") is not None:
+        identity["shortcut"] = dict(node["shortcut"])
+    if node.get("per_class") or "shortcut" in identity:
+        identity["subset_seed"] = node.get("subset_seed", 0)  # the few-shot set and the cue are drawn from it
+    if node.get("train_subset") or (node.get("val_split") and not node.get("per_class")):
         identity["seed"] = seed  # the subset / split is drawn from the seed
     return identity
 
@@ -43,6 +50,19 @@ def checkpoint_stem(network: dict, data: dict) -> str:
     """``wrn40_2_cifar10-1a2b3c4d``, ``timm-resnet18_image_folder-...``: readable, and unique per identity."""
     arch = f"-{network['arch']}" if network.get("arch") else ""
     return f"{network['name']}{arch}_{data['name']}-{short_hash({'network': network, 'data': data})}"
+
+
+def data_differences(saved: dict, configured: dict) -> list[str]:
+    """``key: saved (checkpoint) vs configured (config)`` for every data identity key that differs,
+    also those only one side records (e.g. a teacher trained on ``per_class`` images)."""
+    absent = object()
+    out = []
+    for key in sorted(set(saved) | set(configured)):
+        old, new = saved.get(key, absent), configured.get(key, absent)
+        if old != new:
+            show = [("absent" if v is absent else repr(v)) for v in (old, new)]
+            out.append(f"{key}: {show[0]} (checkpoint) vs {show[1]} (config)")
+    return out
 
 
 def differences(saved: dict, configured: dict, prefix: str = "") -> list[str]:

@@ -21,7 +21,7 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from distill.checkpoints import load_network
 from distill.errors import ConfigError, DistillError
-from distill.explain import EVAL_METHOD, METHODS, explain_network, network_spec
+from distill.explain import EVAL_METHOD, METHODS, box_mass_share, explain_network, network_spec
 from distill.explain.maps import check_map_precision
 from distill.losses import (
     DISTANCES,
@@ -188,7 +188,10 @@ class ClassifierModule(pl.LightningModule):
             "task": self.task.spec, "skip_nonfinite": skip_nonfinite, "scheduler_interval": scheduler_interval,
             "max_skipped_steps": max_skipped_steps, "role": role, **record})
         self.train_score = self.task.score_metric()
-        self.eval_metrics = nn.ModuleDict({stage: self._eval_metrics() for stage in ("val", "test")})
+        # "conflict": the test images with a conflicting cue (data.shortcut), logged as test/conflict_<name>
+        self.eval_metrics = nn.ModuleDict({stage: self._eval_metrics() for stage in ("val", "test", "conflict")})
+        self.cue_metrics = MetricCollection({f"{who}{name}": MeanMetric() for who in ("", "teacher_")
+                                             for name in ("cue_follow", "cue_map_mass")}, compute_groups=False)
 
     def _eval_metrics(self) -> MetricCollection:
         # no compute groups: loss and ce (equal when CE is the only term) must never be merged on a
@@ -268,13 +271,60 @@ class ClassifierModule(pl.LightningModule):
         ce = self.task.loss(logits, y)
         metrics["loss"].update(ce)
         metrics["ce"].update(ce)
-        self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, prog_bar=stage == "val")
+        self.log_eval(metrics, stage)
+
+    def log_eval(self, metrics: MetricCollection, stage: str) -> None:
+        """``<stage>/<name>``; the conflicting-cue test images' as ``test/conflict_<name>``."""
+        prefix = "test/conflict_" if stage == "conflict" else f"{stage}/"
+        self.log_dict({f"{prefix}{k}": m for k, m in metrics.items()}, prog_bar=stage == "val",
+                      add_dataloader_idx=False)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: tuple[Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Test images (``dataloader_idx`` 0), and with ``data.shortcut`` the same images with a
+        conflicting cue (1: items ``(image, label, cue class, cue box)``, ``distill.data.shortcut``)."""
+        if dataloader_idx == 1:
+            self._eval_step(batch, "conflict")
+            self._cue_step(batch)
+        else:
+            self._eval_step(batch, "test")
+
+    @property
+    def cue_map_method(self) -> str:
+        """The map method of ``test/cue_map_mass``: the evaluation's (``eval_method``)."""
+        return getattr(getattr(self, "explain", None), "eval_method", EVAL_METHOD)
+
+    def predict_and_explain(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``model``'s logits ``(B, C)`` on ``x`` and the ``cue_map_method`` maps ``(B, h, w)`` of its
+        top-1 class (None for a network without ``forward_features``, e.g. a ViT trained alone)."""
+        if not callable(getattr(model, "forward_features", None)):
+            with torch.no_grad():
+                return model(x), None
+        if torch.is_inference_mode_enabled():
+            raise ConfigError("explanation maps need autograd at evaluation: set trainer.inference_mode=false")
+        with torch.no_grad():
+            features = model.forward_features(x)
+            logits = model.forward_head(features)
+        with torch.enable_grad():
+            maps = explain_network(model, features, logits.argmax(dim=1), self.cue_map_method)
+        return logits, maps.detach()
+
+    def _cue_step(self, batch: tuple[Tensor, ...]) -> None:
+        """Per network (the teacher's prefixed ``teacher_``): ``test/cue_follow``, the share of
+        predictions that are the cue's class, and ``test/cue_map_mass``, the cue's share of the positive
+        mass of the map of the predicted class (:func:`~distill.explain.box_mass_share`)."""
+        x, cue, boxes = batch[0], batch[2], batch[3]
+        networks = self.networks()
+        for role, model in networks.items():
+            who = "teacher_" if role == "teacher" and len(networks) > 1 else ""
+            logits, maps = self.predict_and_explain(model, x)
+            self.cue_metrics[f"{who}cue_follow"].update((logits.argmax(dim=1) == cue).float())
+            if maps is not None:
+                self.cue_metrics[f"{who}cue_map_mass"].update(box_mass_share(maps, boxes, tuple(x.shape[-2:])))
+        self.log_dict({f"test/{k}": m for k, m in self.cue_metrics.items() if m.update_called},
+                      add_dataloader_idx=False)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The network's parameters that train (a frozen backbone's are left out)."""
@@ -513,4 +563,4 @@ class DistillModule(ClassifierModule):
         metrics[f"teacher_{score}"].update(t_logits, y)
         metrics["agreement"].update(self.task.agreement(s_logits, t_logits))
         metrics["map_cosine"].update(map_cosine(*maps[self.explain.eval_method]), (target >= 0).float())
-        self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, prog_bar=stage == "val")
+        self.log_eval(metrics, stage)

@@ -25,7 +25,7 @@ from distill.loggers import build_logger, finish_logger, remember_wandb_run
 from distill.metrics import chance_flags
 from distill.module import ClassifierModule, DistillModule, ExplainSettings, LossWeights
 from distill.resume import hydra_overrides, resume_config
-from distill.teacher import resolve_teacher, target_checkpoint, train_teacher
+from distill.teacher import resolve_teacher, target_checkpoint, teacher_config, train_teacher
 
 log = logging.getLogger("distill")
 
@@ -62,13 +62,17 @@ def test_checkpoints(trainer: pl.Trainer, module: pl.LightningModule, datamodule
     ``test/*`` is what the logger holds last."""
     metrics = {}
     if best and last:
-        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
-        metrics = {"test_best/" + k.removeprefix("test/"): v for k, v in floats(tested[0] if tested else {}).items()}
+        tested = merged(trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False))
+        metrics = {"test_best/" + k.removeprefix("test/"): v for k, v in tested.items()}
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics)
-    tested = trainer.test(module, datamodule=datamodule, ckpt_path=last if metrics else None,
-                          verbose=False)
-    return {**metrics, **floats(tested[0] if tested else {})}
+    tested = trainer.test(module, datamodule=datamodule, ckpt_path=last if metrics else None, verbose=False)
+    return {**metrics, **merged(tested)}
+
+
+def merged(tested: list[dict[str, Any]]) -> dict[str, float]:
+    """``Trainer.test``'s one dict per test loader (e.g. clean and conflicting-cue images) as one."""
+    return {k: v for one in tested for k, v in floats(one).items()}
 
 
 def floats(metrics: dict[str, Any]) -> dict[str, float]:
@@ -88,7 +92,8 @@ def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
     student = build.check_contract(cfg, "student", build.network(cfg, "student"))
     if not cfg.teacher.get("as_is"):  # a teacher trained first must fit the contract before it is trained
         build.check_contract(cfg, "teacher", build.network(cfg, "teacher", weights_from_checkpoint=True))
-    teacher, teacher_path = resolve_teacher(cfg, datamodule, train_classifier)
+    teacher_cfg, teacher_data = teacher_datamodule(cfg, datamodule)
+    teacher, teacher_path, data_differences = resolve_teacher(teacher_cfg, teacher_data, train_classifier)
     build.check_contract(cfg, "teacher", teacher)
     weights = LossWeights(**OmegaConf.to_container(cfg.loss, resolve=True))
     settings = ExplainSettings(method=cfg.explain.method, distance=cfg.explain.distance, target=cfg.explain.target,
@@ -102,7 +107,29 @@ def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
     build.compiled(cfg, "student", module.model)
     build.compiled(cfg, "teacher", module.teacher)
     result = fit_and_test(cfg, module, datamodule, "distill")
-    return {**result, "teacher_checkpoint": str(teacher_path) if teacher_path else None}
+    return {**result, "teacher_checkpoint": str(teacher_path) if teacher_path else None,
+            "teacher_data": build.identity(teacher_cfg, "teacher", teacher_data)["data"],
+            "teacher_data_differences": data_differences}
+
+
+def teacher_datamodule(cfg: DictConfig,
+                       datamodule: pl.LightningDataModule) -> tuple[DictConfig, pl.LightningDataModule]:
+    """The teacher's config and data (``distill.teacher.teacher_config``: the full, clean training
+    set, or ``teacher_data``'s), checked to have the student's classes; ``(cfg, datamodule)`` when
+    they are the same."""
+    teacher_cfg = teacher_config(cfg)
+    if teacher_cfg is cfg:
+        return cfg, datamodule
+    teacher_data = prepare_data(teacher_cfg)
+
+    def classes(c: DictConfig, dm: pl.LightningDataModule) -> tuple[str, list | int]:
+        return c.data.get("root") or c.data.name, getattr(dm, "class_names", None) or int(c.data.num_classes)
+
+    (t_where, t_classes), (s_where, s_classes) = classes(teacher_cfg, teacher_data), classes(cfg, datamodule)
+    if t_classes != s_classes:
+        raise ConfigError(f"the teacher's data ({t_where}) has the classes {t_classes}, the student's ({s_where}) "
+                          f"{s_classes}: teacher_data must have the same classes")
+    return teacher_cfg, teacher_data
 
 
 def prepare_data(cfg: DictConfig) -> pl.LightningDataModule:
@@ -128,6 +155,8 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"stage '{cfg.stage}' is unknown; choose one of {STAGES}")
     check_model_options(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.stage == "teacher":  # a teacher trains on the full, clean training set (distill.teacher)
+        cfg = teacher_config(cfg)
     datamodule = prepare_data(cfg)
     console.quiet_choices(datamodule, cfg.trainer.get("accelerator"))
     if cfg.stage == "teacher":

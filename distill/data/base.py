@@ -1,4 +1,5 @@
-"""Shared DataModule base: argument checks, train/val splitting, subsets and dataloaders."""
+"""Shared DataModule base: argument checks, train/val splitting, subsets (random, or ``per_class``
+images of every class), the shortcut cue (:mod:`distill.data.shortcut`) and dataloaders."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from distill.data.on_device import DeviceBatches, UInt8Images
 from distill.data.resumable import ResumableLoader, training_position
 from distill.data.seeding import EpochShuffleSampler
+from distill.data.shortcut import ConflictingCue, Shortcut, StampedTraining
 from distill.errors import ConfigError
 
 
@@ -47,6 +49,26 @@ def seeded_subset(n: int, k: int, seed: int, what: str, items: str) -> list[int]
     if k > n:
         raise ConfigError(f"data.{what}={k} exceeds the {n} {items}; lower it or set data.{what}=null")
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
+
+
+def per_class_subset(labels: Sequence[int], indices: Sequence[int], per_class: int, seed: int,
+                     num_classes: int | None = None, class_names: Sequence[str] | None = None) -> list[int]:
+    """``per_class`` items of every class among ``indices`` (sorted), drawn with ``seed`` alone:
+    class-balanced, and the same for every training seed. ``labels``: the class of every item."""
+    by_class: dict[int, list[int]] = {c: [] for c in range(num_classes or 0)}
+    for i in indices:
+        by_class.setdefault(int(labels[i]), []).append(i)
+    smallest = min(by_class, key=lambda c: (len(by_class[c]), c))
+    if per_class > len(by_class[smallest]):
+        name = class_names[smallest] if class_names and smallest < len(class_names) else f"class {smallest}"
+        raise ConfigError(f"data.per_class={per_class} exceeds the {len(by_class[smallest])} training images of "
+                          f"{name}, the smallest class; lower data.per_class or set it to null")
+    gen = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in sorted(by_class):
+        items = by_class[c]
+        picked += [items[j] for j in torch.randperm(len(items), generator=gen)[:per_class].tolist()]
+    return sorted(picked)
 
 
 def dataset_labels(dataset: Any) -> list[int] | None:
@@ -134,6 +156,9 @@ class BaseDataModule(pl.LightningDataModule):
         test_subset: int | None = None,
         augment: bool = True,
         on_device: bool = False,
+        per_class: int | None = None,
+        subset_seed: int = 0,
+        shortcut: dict | None = None,
     ):
         super().__init__()
         self.name = str(name)
@@ -167,6 +192,18 @@ class BaseDataModule(pl.LightningDataModule):
         self.test_subset = None if test_subset is None else _check_int(test_subset, "test_subset", 1)
         self.augment = bool(augment)
         self.on_device = bool(on_device)  # uint8 images on the training device, no workers
+        # the few-shot set and the shortcut cue: drawn from subset_seed, the same for every training seed
+        self.per_class = None if per_class is None else _check_int(per_class, "per_class", 1)
+        self.subset_seed = _check_int(subset_seed, "subset_seed", 0)
+        self.shortcut = None if shortcut is None else dict(shortcut)
+        self.check_shortcut()
+        if self.per_class is not None and self.train_subset is not None:
+            raise ConfigError("data.per_class and data.train_subset both subset the training images; set one of "
+                              "them to null")
+        if self.multilabel and (self.per_class is not None or self.cue_config() is not None):
+            raise ConfigError(f"data.per_class and data.shortcut need one class per image; data={self.name} is "
+                              "multi-label: set them to null")
+        self.cue: Shortcut | None = None  # the shortcut cue, known after setup()
         self.class_names: list[str] | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -181,14 +218,31 @@ class BaseDataModule(pl.LightningDataModule):
         test labels)``, all at ``image_size``."""
         raise ConfigError(f"data.on_device=true is not supported for data={self.name}; set data.on_device=false")
 
+    # -- the shortcut cue ----------------------------------------------------------------
+    def cue_config(self) -> dict | None:
+        """The ``data.shortcut`` node when the cue is on (``p`` not null), else None."""
+        return self.shortcut if self.shortcut is not None and self.shortcut.get("p") is not None else None
+
+    def check_shortcut(self) -> None:
+        """``data.shortcut``'s values, checked before anything is read (one line when wrong)."""
+        Shortcut.from_config(self.shortcut, num_classes=2, image_size=(32, 32), mean=(0.0,) * 3, std=(1.0,) * 3)
+
+    def make_cue(self) -> Shortcut | None:
+        """The :class:`~distill.data.shortcut.Shortcut` of ``data.shortcut`` for this data (None: off)."""
+        return Shortcut.from_config(self.shortcut, num_classes=int(self.num_classes),
+                                    image_size=tuple(self.image_size), mean=tuple(self.mean),
+                                    std=tuple(self.std), seed=self.subset_seed)
+
     # -- splitting -----------------------------------------------------------------------
-    def split_indices(self, n: int) -> tuple[list[int], list[int] | None]:
+    def split_indices(self, n: int, labels: Sequence[int] | None = None) -> tuple[list[int], list[int] | None]:
         """Seeded ``(train, val)`` indices into ``n`` training items (val None if no split).
 
         ``val_split`` holds out ``round(val_split * n)`` items; ``train_subset`` then keeps
-        a fixed random subset of the rest. Both are sorted and depend only on ``seed``.
+        a fixed random subset of the rest, or ``per_class`` (with ``labels``, the class of every
+        item) ``per_class`` images of every class. All are sorted and depend only on ``seed``,
+        except with ``per_class``: then on ``subset_seed`` alone (the same images for every seed).
         """
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed if self.per_class is None else self.subset_seed)
         val_idx: list[int] | None = None
         train_idx = list(range(n))
         if self.val_split > 0:
@@ -206,6 +260,12 @@ class BaseDataModule(pl.LightningDataModule):
             pick = seeded_subset(len(train_idx), self.train_subset, self.seed + 1, "train_subset",
                                  "available training images")
             train_idx = [train_idx[i] for i in pick]
+        if self.per_class is not None:
+            if labels is None:
+                raise ConfigError(f"data.per_class needs the class of every training image, which data={self.name} "
+                                  "does not give; set data.per_class=null")
+            train_idx = per_class_subset(labels, train_idx, self.per_class, self.subset_seed + 1,
+                                         self.num_classes, self.class_names)
         return train_idx, val_idx
 
     # -- Lightning hooks -----------------------------------------------------------------
@@ -214,15 +274,22 @@ class BaseDataModule(pl.LightningDataModule):
             return
         if self.on_device:
             train_x, train_y, test_x, test_y = self._build_uint8()
-            train_idx, val_idx = self.split_indices(len(train_x))
+            train_idx, val_idx = self.split_indices(len(train_x), train_y.tolist())
+            self.cue = self.make_cue()
             self.train_set = UInt8Images(train_x, train_y, self.mean, self.std, train_idx)
+            if self.cue is not None:  # stamped batch-wise by DeviceBatches
+                self.train_set.cue = self.cue, self.cue.present(len(train_x))[torch.as_tensor(train_idx)]
             self.test_set = UInt8Images(test_x, test_y, self.mean, self.std)
             self.val_set = self.test_set if val_idx is None else UInt8Images(train_x, train_y, self.mean,
                                                                               self.std, val_idx)
             return
         train_full, train_tf, eval_tf, test = self._build()
-        train_idx, val_idx = self.split_indices(len(train_full))
+        labels = dataset_labels(train_full) if self.per_class is not None else None
+        train_idx, val_idx = self.split_indices(len(train_full), labels)
         self.train_set = TransformSubset(train_full, train_idx, train_tf)
+        self.cue = self.make_cue()
+        if self.cue is not None:
+            self.train_set = StampedTraining(self.train_set, self.cue, self.cue.present(len(train_full)), train_idx)
         self.val_set = test if val_idx is None else TransformSubset(train_full, val_idx, eval_tf)
         self.test_set = test
 
@@ -302,12 +369,35 @@ class BaseDataModule(pl.LightningDataModule):
             return UInt8Images(dataset.images, dataset.labels, dataset.mean, dataset.std, order)
         return Subset(dataset, order)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_images(), self.eval_batch_size, train=False)
+    def conflict_images(self) -> Dataset:
+        """:meth:`test_images` with a conflicting cue (:class:`~distill.data.shortcut.ConflictingCue`:
+        items ``(image, label, cue class, cue box)``), in the same order; only with ``data.shortcut``.
+        The cue of a test image is fixed by ``subset_seed`` whatever the training seed."""
+        self.setup("test")
+        stamped = ConflictingCue(self.test_set, self.cue, dataset_labels(self.test_set))
+        return self.evaluation_view(stamped, self.test_subset, self.seed + 3, "test_subset", "test images")
+
+    def panel_images(self) -> Dataset:
+        """The images the explanation panel draws: :meth:`validation_images`, with ``data.shortcut``
+        stamped with a conflicting cue (so the panel shows whether a map follows the cue)."""
+        images = self.validation_images()
+        if self.cue is None:
+            return images
+        stamped = ConflictingCue(self.val_set, self.cue, dataset_labels(self.val_set))
+        return self.evaluation_view(stamped, self.val_subset, self.seed + 2, "val_subset", "validation images")
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The test images; with ``data.shortcut`` a second loader of them with a conflicting cue
+        (``dataloader_idx`` 1, :meth:`conflict_images`)."""
+        clean = self._loader(self.test_images(), self.eval_batch_size, train=False)
+        if self.cue is None:
+            return clean
+        return [clean, self._loader(self.conflict_images(), self.eval_batch_size, train=False)]
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(name={self.name!r}, num_classes={self.num_classes}, "
             f"batch_size={self.batch_size}, val_split={self.val_split}, "
-            f"train_subset={self.train_subset}, val_subset={self.val_subset}, test_subset={self.test_subset})"
+            f"train_subset={self.train_subset}, per_class={self.per_class}, val_subset={self.val_subset}, "
+            f"test_subset={self.test_subset}, shortcut={self.cue_config()})"
         )

@@ -86,6 +86,7 @@ class UInt8Images(Dataset):
             images, labels = images[index], labels[index]
         self.images, self.labels = images, labels.long()
         self.mean, self.std = tuple(mean), tuple(std)
+        self.cue = None  # data.shortcut on a training split: (Shortcut, present (N,) bool), stamped per batch
         self._on: tuple[Tensor, Tensor] | None = None
 
     def __len__(self) -> int:
@@ -128,7 +129,10 @@ class DeviceBatches:
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str | None = None,
+        cue: tuple | None = None,
     ) -> None:
+        """``cue``: ``(Shortcut, present (N,) bool)`` of ``distill.data.shortcut``: the label's cue is
+        stamped, after the augmentation, into the images where ``present``."""
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if labels.shape[:1] != images.shape[:1]:
@@ -151,6 +155,7 @@ class DeviceBatches:
         self.batch_sampler = None  # what Lightning reads next to `sampler` (a DataLoader's attributes)
         self.position = None  # for a mid-epoch resume (distill.data.resumable): set by for_trainer
         self._skip = 0
+        self.cue = None if cue is None else (cue[0], cue[1].to(device))
 
     @classmethod
     def for_trainer(cls, dataset: UInt8Images, batch_size: int, trainer=None, **kwargs) -> DeviceBatches:
@@ -161,7 +166,7 @@ class DeviceBatches:
             device, rank, world_size = trainer.strategy.root_device, trainer.global_rank, trainer.world_size
         images, labels = dataset.on(device)
         batches = cls(images, labels, batch_size, dataset.mean, dataset.std, rank=rank, world_size=world_size,
-                      **kwargs)
+                      cue=dataset.cue, **kwargs)
         batches.position = lambda: training_position(trainer)
         return batches
 
@@ -220,6 +225,8 @@ class DeviceBatches:
                     dy, dx, flip = draws[:, batch]
                     images = crop_flip(images, dy, dx, flip.bool(), self.padding)
                 out = normalize_uint8(images, self.mean, self.std), self.labels[idx]
+                if self.cue is not None:
+                    out = self.cue[0].stamp(out[0], out[1], self.cue[1][idx]), out[1]
             yield out
 
     def __repr__(self) -> str:

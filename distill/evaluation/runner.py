@@ -103,6 +103,7 @@ def build_datamodule(hparams: dict, overrides: dict | None, batch_size: int | No
     node.update({k: v for k, v in (overrides or {}).items() if v is not None})
     # The whole test split unless asked otherwise: the training run's quick test_subset is not reused.
     node["test_subset"] = (overrides or {}).get("test_subset")
+    node.pop("shortcut", None)  # the clean test images; the conflicting-cue metrics are train.py's (test/conflict_*)
     if not node.get("_target_"):
         raise ConfigError("the checkpoint records no data config: give one with data._target_=... and its "
                           "arguments (+data.KEY=VALUE)")

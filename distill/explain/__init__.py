@@ -15,6 +15,7 @@ from distill.explain.maps import (
     weighted_maps,
     xgradcam_weights,
 )
+from distill.explain.mass import box_mass_share
 from distill.explain.network import (
     explain_network,
     head_maps,
@@ -40,6 +41,7 @@ __all__ = [
     "EVAL_METHOD",
     "METHODS",
     "GuidedReLUMode",
+    "box_mass_share",
     "class_gradients",
     "closed_form_weights",
     "denormalize",
