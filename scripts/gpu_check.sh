@@ -40,7 +40,7 @@ python scripts/bench_step.py --teacher torchvision:resnet34 --student torchvisio
     --image-size "$POOL_SIZE" --batch-size "$POOL_BATCH" "${BENCH[@]}"
 
 echo "== 3. real CIFAR-10: teacher $TEACHER_EPOCHS epochs, students $STUDENT_EPOCHS epochs (cosine lr, seed 0)"
-COMMON=(data=image_folder "data.root=$ROOT" data.name=cifar10_jpeg logger=csv optim=sgd_cosine seed=0
+COMMON=(data=image_folder "data.root=$ROOT" data.name=cifar10_jpeg logger=csv optim=sgd_cosine seed=0 "teacher.checkpoint=$OUT/teacher.ckpt"
         "paths.log_dir=$OUT" "paths.checkpoint_dir=$OUT/checkpoints" "${RUN[@]}")
 start=$SECONDS
 python train.py stage=teacher teacher=wrn40_2 "${COMMON[@]}" task_name=teacher trainer.max_epochs="$TEACHER_EPOCHS"

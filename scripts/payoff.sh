@@ -23,21 +23,22 @@ SEEDS=${SEEDS:-0,1,2}
 
 if [[ ${DRY:-0} == 1 ]]; then
   RUN=(trainer=cpu data.batch_size=8 data.num_workers=0 trainer.limit_train_batches=2 trainer.limit_val_batches=1
-       trainer.limit_test_batches=1 trainer.num_sanity_val_steps=0 callbacks.explanation_panel.every_n_epochs=0)
-  TEACHER=(trainer.max_epochs=1); FEW=(trainer.max_epochs=1); SHORT=(trainer.max_epochs=1 data.per_class=2)
+       trainer.limit_test_batches=1 trainer.num_sanity_val_steps=0)
+  TEACHER=(trainer.max_epochs=1); FEW=(trainer.max_epochs=1 data.per_class=2); SHORT=(trainer.max_epochs=1 data.per_class=2)
   SEEDS=${SEEDS_DRY:-0,1}
 elif [[ ${DEVICE:-cpu} == gpu ]]; then
   RUN=(trainer=gpu data.on_device=true trainer.enable_progress_bar=false)
   TEACHER=(trainer.max_epochs=${TEACHER_EPOCHS:-30})
-  FEW=(trainer.max_epochs=${FEW_EPOCHS:-200} trainer.check_val_every_n_epoch=10)
+  FEW=(trainer.max_epochs=${FEW_EPOCHS:-200} trainer.check_val_every_n_epoch=10 data.batch_size=64)
   SHORT=(trainer.max_epochs=${SHORT_EPOCHS:-60} trainer.check_val_every_n_epoch=5 data.per_class=200)
 else
   RUN=(trainer=cpu data.num_workers=1 trainer.enable_progress_bar=false data.val_subset=1000)
   TEACHER=(trainer.max_epochs=${TEACHER_EPOCHS:-4})
-  FEW=(trainer.max_epochs=${FEW_EPOCHS:-60} trainer.check_val_every_n_epoch=10)
+  FEW=(trainer.max_epochs=${FEW_EPOCHS:-60} trainer.check_val_every_n_epoch=10 data.batch_size=64)
   SHORT=(trainer.max_epochs=${SHORT_EPOCHS:-20} trainer.check_val_every_n_epoch=5 data.per_class=200)
 fi
-COMMON=(data=image_folder "data.root=$ROOT" data.name=cifar10_jpeg logger=csv optim=sgd_cosine
+# lr 0.05 for every row (RepDistiller's; CAT-KD at its weight diverges at 0.1 on short runs)
+COMMON=(data=image_folder "data.root=$ROOT" data.name=cifar10_jpeg logger=csv optim=sgd_cosine optim.optimizer.lr=0.05
         teacher=wrn40_2 "teacher.checkpoint=$OUT/teacher.ckpt" "paths.log_dir=$OUT/logs" "${RUN[@]}")
 ROWS=("kd=none explain=none" "kd=hinton explain=none" "kd=hinton explain=gradcampp" "kd=none explain=e2kd"
       "kd=cat explain=none")
