@@ -21,9 +21,18 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from distill.checkpoints import load_network
 from distill.errors import ConfigError, DistillError
-from distill.explain import EVAL_METHOD, METHODS, explain_network, network_spec
+from distill.explain import EVAL_METHOD, METHODS, explain_network, map_metrics_missing, network_spec
 from distill.explain.maps import check_map_precision
-from distill.losses import DISTANCES, attention_transfer, decoupled_kd, dkd_warmup, explain_loss, map_cosine
+from distill.explain.resolution import degenerate_grid_fix, meaningful_grid, network_label
+from distill.losses import (
+    DISTANCES,
+    attention_transfer,
+    cosine_weights,
+    decoupled_kd,
+    dkd_warmup,
+    explain_loss,
+    map_cosine,
+)
 from distill.models import BUILD_ATTRIBUTE, build_model, build_spec
 from distill.models.contract import known_spec, require_network
 from distill.optim import SchedulerFactory, build_scheduler
@@ -320,6 +329,7 @@ class DistillModule(ClassifierModule):
         self.hparams.pop("role")
         self.hparams["student"] = self.hparams.pop("model")
         self.hparams.update(teacher=build_spec(teacher), weights=asdict(weights), explain=asdict(explain))
+        self.map_metrics_missing: str | None = None  # why map_cosine is not logged (distill.explain.resolution)
 
     @property
     def loss_method(self) -> str | None:
@@ -398,6 +408,20 @@ class DistillModule(ClassifierModule):
         return explain_network(model, features, target, method, logits=logits, create_graph=create_graph,
                                closed_form=self.explain.closed_form)
 
+    # ------------------------------------------------------------------ map grids
+    def map_grids(self, t_features: Tensor, s_features: Tensor) -> dict[str, tuple[int, int]]:
+        """``{"teacher wrn40_2": (h, w), "student ...": (h, w)}`` of features ``(B, K, h, w)`` (shapes only)."""
+        return {f"{role} {network_label(model)}": tuple(features.shape[-2:])
+                for role, model, features in (("teacher", self.teacher, t_features),
+                                              ("student", self.model, s_features))}
+
+    def require_meaningful_maps(self, t_features: Tensor, s_features: Tensor) -> None:
+        """The explanation loss needs maps of at least ``MIN_MAP_GRID`` per side (train.py checks
+        this before training; here for a module used on its own)."""
+        for name, grid in self.map_grids(t_features, s_features).items():
+            if not meaningful_grid(grid):
+                raise ConfigError(degenerate_grid_fix(name, grid))
+
     # ------------------------------------------------------------------ the loss
     def terms(self, labels: Tensor, s_logits: Tensor, t_logits: Tensor, s_groups: list[Tensor],
               t_groups: list[Tensor], target: Tensor | None, maps: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
@@ -422,6 +446,7 @@ class DistillModule(ClassifierModule):
         s_logits = self.model.forward_head(s_features)
         target, maps = None, None
         if method is not None:
+            self.require_meaningful_maps(t_features, s_features)
             target = self.map_target(y, t_logits)
             t_maps = self.maps(self.teacher, t_logits, t_features, target, method, False).detach()
             maps = self.maps(self.model, s_logits, s_features, target, method, True), t_maps
@@ -471,5 +496,8 @@ class DistillModule(ClassifierModule):
             metrics[name].update(value)
         metrics[f"teacher_{score}"].update(t_logits, y)
         metrics["agreement"].update(self.task.agreement(s_logits, t_logits))
-        metrics["map_cosine"].update(map_cosine(*maps[self.explain.eval_method]), (target >= 0).float())
-        self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, prog_bar=stage == "val")
+        self.map_metrics_missing = map_metrics_missing(self.map_grids(t_features, s_features))
+        if self.map_metrics_missing is None:  # else map_cosine is left out, never a number
+            metrics["map_cosine"].update(*cosine_weights(map_cosine(*maps[self.explain.eval_method]), target >= 0))
+        self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()
+                       if k != "map_cosine" or self.map_metrics_missing is None}, prog_bar=stage == "val")
