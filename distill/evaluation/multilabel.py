@@ -44,7 +44,8 @@ ML_CONVENTIONS = {
     "loc_pct": "100 * mean over pairs with a non-difficult box of IoU(map >= delta * max, boxes)",
     "map": "mean over classes with a positive of the AP (difficult-only entries ignored)",
     "agreement_pct": "100 * mean share of classes with the same decision (logit > 0) by student and teacher",
-    "map_cosine": "mean over pairs of the cosine of teacher and student Grad-CAM++ maps",
+    "map_cosine": "mean over pairs of the cosine of teacher and student Grad-CAM++ maps (pairs with an all-zero "
+                  "map left out)",
 }
 
 

@@ -78,6 +78,12 @@ def networks_missing(networks: dict[str, nn.Module]) -> str | None:
     return map_metrics_missing({f"{role} {network_label(m)}": map_grid(m) for role, m in networks.items()})
 
 
+def missing_for(reason: str | None, roles: tuple[str, ...]) -> str | None:
+    """The part of a ``map_metrics_missing`` reason about networks of ``roles`` (e.g. ``("teacher",)``)."""
+    parts = [part for part in (reason or "").split("; ") if part.split(" ")[0] in roles]
+    return "; ".join(parts) or None
+
+
 def missing_cell(reason: str) -> str:
     """The report's cell for a metric left out: ``n/a (1x1 map)``."""
     grids = re.findall(r"(\d+x\d+) map", reason)
@@ -104,6 +110,7 @@ __all__ = [
     "map_metrics_missing",
     "meaningful_grid",
     "missing_cell",
+    "missing_for",
     "network_label",
     "networks_missing",
     "record_grid",
