@@ -35,7 +35,7 @@ from distill.evaluation.faithfulness import (
 )
 from distill.evaluation.localization import localization_scores
 from distill.explain import EVAL_METHOD, head_maps
-from distill.losses import map_cosine
+from distill.losses import cosine_weights, map_cosine
 
 ML_CONVENTIONS = {
     "explained_classes": "every ground-truth positive class of each image (pairs; -1 padding left out)",
@@ -141,7 +141,7 @@ def evaluate_multilabel_batch(
     if teacher is not None:
         s_maps, t_maps = maps_of[""][similarity_method], maps_of["teacher/"][similarity_method]
         cosine = map_cosine(s_maps.flatten(0, 1), t_maps.flatten(0, 1))
-        scores["map_cosine"] = (cosine, weight)
+        scores["map_cosine"] = cosine_weights(cosine, weight)  # all-zero maps (and padding) left out
         same = ((logits_of[""] > 0) == (logits_of["teacher/"] > 0)).float().mean(dim=1)
         scores["agreement"] = (same, torch.ones_like(same))
     return scores, logits_of
