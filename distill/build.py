@@ -88,7 +88,7 @@ def map_grids(cfg: DictConfig, teacher: torch.nn.Module, student: torch.nn.Modul
     missing = map_metrics_missing(grids)
     if missing and float(cfg.loss.explain) > 0:
         name, grid = next((name, grid) for name, grid in grids.items() if not meaningful_grid(grid))
-        raise ConfigError(degenerate_grid_fix(name, grid))
+        raise ConfigError(degenerate_grid_fix(name, grid, size))
     if missing:
         log.warning("%s: no map metric (map cosine, pointing game, localisation, panels) is reported for it", missing)
     return missing

@@ -90,14 +90,16 @@ def missing_cell(reason: str) -> str:
     return f"n/a ({grids[0]} map)" if grids else "n/a"
 
 
-def degenerate_grid_fix(name: str, grid: Grid) -> str:
-    """The one line that stops a run whose explanation loss would compare ``name``'s ``grid`` maps."""
-    return (f"{name} explains a {grid_text(grid)} map at this image size, below the {MIN_MAP_GRID}x{MIN_MAP_GRID} "
-            "minimum for an explanation loss (a map that small carries no spatial information). Fix: a timm "
-            "network with output_stride=8 (e.g. student=timm student.arch=resnet18 student.output_stride=8), "
-            "a torchvision ResNet-50+ with replace_stride_with_dilation=[false,true,true], a larger "
-            "data.image_size, an earlier explained layer (layer=...), or a CIFAR network (e.g. wrn16_2); "
-            "or loss.explain=0 (explain=none) for a run without maps")
+def degenerate_grid_fix(name: str, grid: Grid, image_size: int | None = None) -> str:
+    """The one line that stops a run whose explanation loss would compare ``name``'s ``grid`` maps
+    (``name`` = role and network, e.g. ``student timm-resnet18``)."""
+    role = name.split(" ")[0]
+    where = f"at {image_size}x{image_size} pixels" if image_size else "at this image size"
+    return (f"{name} explains a {grid_text(grid)} map {where}, below the {MIN_MAP_GRID}x{MIN_MAP_GRID} minimum "
+            f"for an explanation loss (no spatial information). Fix: {role}.output_stride=8 (timm), "
+            f"{role}.replace_stride_with_dilation=[false,true,true] (torchvision ResNet-50 and up), a larger "
+            f"data.image_size, an earlier {role}.layer=..., or a CIFAR network ({role}=wrn16_2); "
+            "or explain=none for a run without an explanation loss")
 
 
 __all__ = [
