@@ -7,7 +7,8 @@ At 32 x 32 pixels an ImageNet-style network (stride 32) explains a 1 x 1 map; wi
 ``output_stride=8`` its last two stages dilate instead of striding and it explains 4 x 4, at the
 price of running those stages on 16x (layer3: 4x) more positions. Both variants run round-robin
 in every step (their order alternates), so a load change on a shared machine hits both alike;
-the figures are medians. The last line is ``output_stride 8/32 time ratio: X``.
+the figures are medians. The FLOP ratio (``torch.utils.flop_counter``) does not depend on the
+machine's load. The last line is ``output_stride 8/32 time ratio: X``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ def step_seconds(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
     loss = torch.nn.functional.cross_entropy(model(images), labels)
     loss.backward()
     return time.perf_counter() - start
+
+
+def step_flops(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
+    """FLOPs of one forward + backward (``torch.utils.flop_counter``): the load-independent cost."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+    return counter.get_total_flops()
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -52,6 +62,9 @@ def main(argv: list[str] | None = None) -> float:
             h, w = model.eval().forward_features(images[:2]).shape[-2:]
         print(f"output_stride {stride:2d}: {h}x{w} map, {statistics.median(times[stride]) * 1000:.1f} ms per "
               f"forward + backward ({args.arch}, batch {args.batch_size}, {args.image_size} px)")
+    flops = {stride: step_flops(model.train(), images, labels) for stride, model in models.items()}
+    print(f"output_stride 8/32 FLOP ratio: {flops[8] / flops[32]:.2f} ({flops[8] / 1e9:.1f} / {flops[32] / 1e9:.1f} "
+          "GFLOP per forward + backward)")
     ratio = statistics.median(times[8]) / statistics.median(times[32])
     print(f"output_stride 8/32 time ratio: {ratio:.2f}")
     return ratio

@@ -230,3 +230,19 @@ def test_panels_show_no_map_of_a_1x1_network():
     labels = torch.tensor([[1, 0, 1, 0, 0, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0, 0, 0, 0]])
     cells = multilabel_cells(student, x, labels, teacher=teacher)[0]
     assert [c.title.endswith("n/a (1x1 map)") for c in cells[1:]] == [False, True, False, True]
+
+
+def test_bench_output_stride_prints_the_cost(capsys):
+    """ResNet-18 at 32 px: output_stride 8 runs layer3 on 4x and layer4 on 16x the positions, so it
+    costs several times the FLOPs (the stem and layer1-2 are unchanged)."""
+    import re
+    import sys
+
+    sys.path.insert(0, str(__import__("tests.support").support.REPO / "scripts"))
+    from bench_output_stride import main
+
+    assert main(["--steps", "1", "--batch-size", "2"]) > 0
+    out = capsys.readouterr().out
+    assert "output_stride 32: 1x1 map" in out and "output_stride  8: 4x4 map" in out
+    flop_ratio = float(re.search(r"FLOP ratio: ([\d.]+)", out).group(1))
+    assert 3.0 < flop_ratio < 16.0
