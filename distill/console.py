@@ -204,7 +204,7 @@ def report_run(result: dict, run_dir: Path) -> str:
         if note:
             lines.append("  (data.test_subset / trainer.limit_test_batches: not comparable to whole-test-set numbers)")
         if result.get("map_metrics_missing"):
-            lines.append(f"  map metrics missing: {result['map_metrics_missing']} (docs/your_own_model.md)")
+            lines.append(f"  map metrics missing: {result['map_metrics_missing']} (docs/map_grids.md)")
     else:
         lines.append("No test metrics (test_after_fit=false).")
     lines.append(f"metrics.json: {Path(run_dir) / 'metrics.json'}")

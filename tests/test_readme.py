@@ -50,7 +50,11 @@ def test_the_readme_shows_the_main_commands():
     assert len([c for c in commands if overrides(c, "/x") is not None]) >= 15
 
 
-@pytest.mark.parametrize("command", [c for c in readme_commands() if overrides(c, "/x") is not None])
+# The README's commands, and those of docs/ where this module collects them (docs_commands).
+SHOWN_COMMANDS = globals().get("docs_commands", readme_commands)
+
+
+@pytest.mark.parametrize("command", [c for c in SHOWN_COMMANDS() if overrides(c, "/x") is not None])
 def test_every_readme_command_composes_and_passes_the_schema(tmp_path, command):
     for args in overrides(command, tmp_path):
         check_overrides(args)
@@ -95,7 +99,11 @@ def test_map_grid_at_is_the_real_grid(tmp_path):
     assert map_grid_at(cfg, "student") == (4, 4)
 
 
-@pytest.mark.parametrize("command", [c for c in readme_commands() if overrides(c, "/x") is not None])
+# The README's commands, and those of docs/ where this module collects them (docs_commands).
+SHOWN_COMMANDS = globals().get("docs_commands", readme_commands)
+
+
+@pytest.mark.parametrize("command", [c for c in SHOWN_COMMANDS() if overrides(c, "/x") is not None])
 def test_every_readme_model_explains_a_real_map_at_its_data_size(tmp_path, command):
     """Each README command (the networks it names, or its preset's): with an explanation loss, both
     networks explain at least MIN_MAP_GRID x MIN_MAP_GRID at the data's image size (else train.py

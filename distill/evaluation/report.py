@@ -66,7 +66,7 @@ def _faithfulness_cells(result: dict, prefix: str) -> list[str]:
 
 def _missing_note(result: dict) -> list[str]:
     missing = result.get("map_metrics_missing")
-    return [f"Map metrics missing: {missing} (below the minimum grid; docs/your_own_model.md).", ""] if missing else []
+    return [f"Map metrics missing: {missing} (below the minimum grid; docs/map_grids.md).", ""] if missing else []
 
 
 # --------------------------------------------------------------------------- markdown
@@ -385,7 +385,7 @@ def summary_markdown(summaries: list[VariantSummary], root: str | Path, columns:
         rows.append(cells)
     partial = [f"- {s.variant}: " + ", ".join(s.partial) for s in summaries if s.partial]
     missing = [f"- {s.variant}: {s.missing}" for s in summaries if s.missing]
-    missing_note = ("\n**Map metrics missing** (a map below the minimum grid, docs/your_own_model.md):\n\n"
+    missing_note = ("\n**Map metrics missing** (a map below the minimum grid, docs/map_grids.md):\n\n"
                     + "\n".join(missing) + "\n") if missing else ""
     note = ("\n**Partial test sets** (`data.test_subset` / `limit_test_batches` / `limit_batches`): not comparable "
             "to whole-test-set numbers.\n\n" + "\n".join(partial) + "\n") if partial else ""

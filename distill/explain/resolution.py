@@ -6,7 +6,7 @@ cells per side the map says nothing about *where* the network looks, so the expl
 the map cosine, the pointing game, box localisation, the faithfulness scores (Average Drop,
 Increase in Confidence, Win) and the panels would all be numbers without meaning. A training run
 with an explanation loss refuses such a network; everywhere else the metric is left out and
-``map_metrics_missing`` says why (docs/your_own_model.md).
+``map_metrics_missing`` says why (docs/map_grids.md).
 """
 
 from __future__ import annotations
