@@ -21,18 +21,11 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from distill.checkpoints import load_network
 from distill.errors import ConfigError, DistillError
-from distill.explain import EVAL_METHOD, METHODS, explain_network, map_metrics_missing, network_spec
+from distill.explain import EVAL_METHOD, METHODS, explain_network, network_spec
 from distill.explain.maps import check_map_precision
-from distill.explain.resolution import degenerate_grid_fix, meaningful_grid, network_label
-from distill.losses import (
-    DISTANCES,
-    attention_transfer,
-    cosine_weights,
-    decoupled_kd,
-    dkd_warmup,
-    explain_loss,
-    map_cosine,
-)
+from distill.explain.resolution import degenerate_grid_fix, map_metrics_missing, meaningful_grid, network_label
+from distill.losses import DISTANCES, attention_transfer, decoupled_kd, dkd_warmup, explain_loss, map_cosine
+from distill.losses.explain import cosine_weights
 from distill.models import BUILD_ATTRIBUTE, build_model, build_spec
 from distill.models.contract import known_spec, require_network
 from distill.optim import SchedulerFactory, build_scheduler

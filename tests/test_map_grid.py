@@ -19,7 +19,8 @@ from distill import build
 from distill.errors import ConfigError
 from distill.explain import MIN_MAP_GRID, inspect_network, map_grid, map_metrics_missing, meaningful_grid
 from distill.explain.resolution import missing_cell, missing_for
-from distill.losses import cosine_weights, map_cosine
+from distill.losses import map_cosine
+from distill.losses.explain import cosine_weights
 from distill.models import build_model
 from distill.models.adapters import OUTPUT_STRIDE_FAMILIES
 

@@ -35,7 +35,8 @@ from distill.evaluation.faithfulness import (
 )
 from distill.evaluation.localization import localization_scores
 from distill.explain import EVAL_METHOD, head_maps
-from distill.losses import cosine_weights, map_cosine
+from distill.losses import map_cosine
+from distill.losses.explain import cosine_weights
 
 ML_CONVENTIONS = {
     "explained_classes": "every ground-truth positive class of each image (pairs; -1 padding left out)",

@@ -2,7 +2,7 @@
 
 from distill.losses.attention import attention_map, attention_transfer
 from distill.losses.dkd import decoupled_kd, dkd_parts, dkd_warmup
-from distill.losses.explain import DISTANCES, MAP_NORM_EPS, cosine_weights, explain_loss, map_cosine, match_size
+from distill.losses.explain import DISTANCES, MAP_NORM_EPS, explain_loss, map_cosine, match_size
 from distill.losses.kd import hinton_kd
 from distill.losses.multilabel import masked_bce, multilabel_kd
 
@@ -11,7 +11,6 @@ __all__ = [
     "MAP_NORM_EPS",
     "attention_map",
     "attention_transfer",
-    "cosine_weights",
     "decoupled_kd",
     "dkd_parts",
     "dkd_warmup",
