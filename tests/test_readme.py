@@ -50,11 +50,7 @@ def test_the_readme_shows_the_main_commands():
     assert len([c for c in commands if overrides(c, "/x") is not None]) >= 15
 
 
-# The README's commands, and those of docs/ where this module collects them (docs_commands).
-SHOWN_COMMANDS = globals().get("docs_commands", readme_commands)
-
-
-@pytest.mark.parametrize("command", [c for c in SHOWN_COMMANDS() if overrides(c, "/x") is not None])
+@pytest.mark.parametrize("command", [c for c in readme_commands() if overrides(c, "/x") is not None])
 def test_every_readme_command_composes_and_passes_the_schema(tmp_path, command):
     for args in overrides(command, tmp_path):
         check_overrides(args)
@@ -97,6 +93,10 @@ def test_map_grid_at_is_the_real_grid(tmp_path):
     assert map_grid_at(cfg, "student") == (1, 1) and map_grid_at(cfg, "teacher") == (8, 8)
     cfg = compose_config(tmp_path, ["student=timm", "student.arch=resnet18", "student.output_stride=8"])
     assert map_grid_at(cfg, "student") == (4, 4)
+
+
+# The README's commands, and those of docs/ where this module collects them (docs_commands).
+SHOWN_COMMANDS = globals().get("docs_commands", readme_commands)
 
 
 # The README's commands, and those of docs/ where this module collects them (docs_commands).
