@@ -99,10 +99,6 @@ def test_map_grid_at_is_the_real_grid(tmp_path):
 SHOWN_COMMANDS = globals().get("docs_commands", readme_commands)
 
 
-# The README's commands, and those of docs/ where this module collects them (docs_commands).
-SHOWN_COMMANDS = globals().get("docs_commands", readme_commands)
-
-
 @pytest.mark.parametrize("command", [c for c in SHOWN_COMMANDS() if overrides(c, "/x") is not None])
 def test_every_readme_model_explains_a_real_map_at_its_data_size(tmp_path, command):
     """Each README command (the networks it names, or its preset's): with an explanation loss, both
