@@ -3,6 +3,7 @@ callbacks and the trainer. Each function reads the config groups it names and no
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,13 @@ from distill import console, mid_epoch
 from distill.callbacks import EpochSeeding
 from distill.checkpoints import AtomicCheckpointIO
 from distill.errors import ConfigError, DistillError
-from distill.explain import inspect_network
+from distill.explain import inspect_network, map_grid, map_metrics_missing, meaningful_grid
+from distill.explain.resolution import degenerate_grid_fix, grids_line
 from distill.identity import data_identity, network_identity
 from distill.models import build_model, model_options, require_network
 from distill.tasks import build_task
+
+log = logging.getLogger("distill")
 
 MODULE_TRAINER_KEYS = ("skip_nonfinite", "max_skipped_steps")  # trainer.* keys the LightningModule reads
 REQUIRED_CALLBACKS = ("best_checkpoint", "last_checkpoint")  # the run's result and what resume= continues
@@ -70,6 +74,24 @@ def check_contract(cfg: DictConfig, role: str, model: torch.nn.Module) -> torch.
     require_network(model, role, model_label(cfg[role]), stages=cfg.loss.at > 0)
     inspect_network(model, example_images(cfg))
     return model
+
+
+def map_grids(cfg: DictConfig, teacher: torch.nn.Module, student: torch.nn.Module) -> str | None:
+    """State each network's explained grid at the data's image size (one line, before any training;
+    ``check_contract`` measured it). With an explanation loss (``loss.explain > 0``) a grid below
+    ``MIN_MAP_GRID`` stops the run with one line naming the network, its grid and the fixes; without
+    one the run goes on, and the reason its map metrics are left out is returned (else ``None``)."""
+    grids = {f"{role} {model_label(cfg[role])}": map_grid(model)
+             for role, model in (("teacher", teacher), ("student", student))}
+    size = example_images(cfg).shape[-1]
+    log.info("explained map grids at %dx%d pixels: %s", size, size, grids_line(grids))
+    missing = map_metrics_missing(grids)
+    if missing and float(cfg.loss.explain) > 0:
+        name, grid = next((name, grid) for name, grid in grids.items() if not meaningful_grid(grid))
+        raise ConfigError(degenerate_grid_fix(name, grid, size))
+    if missing:
+        log.warning("%s: no map metric (map cosine, pointing game, localisation, panels) is reported for it", missing)
+    return missing
 
 
 def compiled(cfg: DictConfig, role: str, model: torch.nn.Module) -> torch.nn.Module:

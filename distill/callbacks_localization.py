@@ -25,7 +25,7 @@ from torchmetrics import MeanMetric
 
 from distill.errors import ConfigError
 from distill.evaluation.localization import localization_scores
-from distill.explain import network_maps
+from distill.explain import map_metrics_missing, network_maps
 
 
 class LocalizationCallback(pl.Callback):
@@ -64,6 +64,8 @@ class LocalizationCallback(pl.Callback):
                     maps = network_maps(model, x, target, self.method)
                 finally:
                     model.train(was_training)
+                if map_metrics_missing({role: tuple(maps.shape[-2:])}):  # too small a map: no score
+                    continue
                 scores, valid = localization_scores(maps, boxes, box_labels, difficult, target,
                                                     tuple(x.shape[-2:]), self.deltas)
                 weight = valid.to(scores.dtype)

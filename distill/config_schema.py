@@ -153,6 +153,8 @@ class Model(Open):
     layer: str | None = None  # the explained module (timm / torchvision)
     weights: str | None = None  # torchvision weight enum name
     drop_rate: Annotated[float, Field(ge=0, lt=1)] | None = None
+    output_stride: Literal[8, 16, 32] | None = None  # timm: dilated last stages (a finer explained map)
+    replace_stride_with_dilation: list[bool] | None = None  # torchvision bottleneck ResNets: the same
     as_is: bool = False  # teacher: use the network as built, untrained here
 
 

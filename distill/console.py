@@ -17,6 +17,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from distill.explain.resolution import missing_cell
+
 # Lightning's rank-zero messages repeated by every Trainer of a run (teacher, then student).
 ONCE_PER_PROCESS = ("GPU available:", "TPU available:", "HPU available:", "LOCAL_RANK:")
 # Lightning's normal end of fit: the run's summary follows, so it says nothing new.
@@ -167,9 +169,10 @@ def metrics_table(result: dict) -> list[str]:
 
     rows = []
     if stage == "distill":
+        missing = result.get("map_metrics_missing")  # a map too small to mean anything: no number
+        cosine = missing_cell(missing) if missing else pct("test/map_cosine", 1.0, 4)
         rows.append([name("teacher"), pct(f"test/teacher_{score}", scale, digits), "", ""])
-        rows.append([name("student"), pct(f"test/{score}", scale, digits), pct("test/agreement", 100.0),
-                     pct("test/map_cosine", 1.0, 4)])
+        rows.append([name("student"), pct(f"test/{score}", scale, digits), pct("test/agreement", 100.0), cosine])
     else:
         rows.append([name("teacher" if stage == "teacher" else "student"), pct(f"test/{score}", scale, digits), "", ""])
     headers = ["model", header, "agreement %", "map cosine"]
@@ -218,6 +221,8 @@ def report_run(result: dict, run_dir: Path) -> str:
         lines += table + cue_lines(result.get("metrics", {}))
         if note:
             lines.append("  (data.test_subset / trainer.limit_test_batches: not comparable to whole-test-set numbers)")
+        if result.get("map_metrics_missing"):
+            lines.append(f"  map metrics missing: {result['map_metrics_missing']} (docs/map_grids.md)")
     else:
         lines.append("No test metrics (test_after_fit=false).")
     lines += [f"FLAG: {flag}" for flag in result.get("flags", [])]

@@ -23,6 +23,7 @@ from distill.checkpoints import load_network
 from distill.errors import ConfigError, DistillError
 from distill.explain import EVAL_METHOD, METHODS, box_mass_share, explain_network, network_spec
 from distill.explain.maps import check_map_precision
+from distill.explain.resolution import degenerate_grid_fix, map_metrics_missing, meaningful_grid, network_label
 from distill.losses import (
     DISTANCES,
     attention_transfer,
@@ -34,6 +35,7 @@ from distill.losses import (
     map_cosine,
     standardize_logits,
 )
+from distill.losses.explain import cosine_weights
 from distill.models import BUILD_ATTRIBUTE, build_model, build_spec
 from distill.models.contract import known_spec, require_network
 from distill.optim import SchedulerFactory, build_scheduler
@@ -276,8 +278,9 @@ class ClassifierModule(pl.LightningModule):
     def log_eval(self, metrics: MetricCollection, stage: str) -> None:
         """``<stage>/<name>``; the conflicting-cue test images' as ``test/conflict_<name>``."""
         prefix = "test/conflict_" if stage == "conflict" else f"{stage}/"
-        self.log_dict({f"{prefix}{k}": m for k, m in metrics.items()}, prog_bar=stage == "val",
-                      add_dataloader_idx=False)
+        missing = getattr(self, "map_metrics_missing", None)  # maps below MIN_MAP_GRID: no map metric
+        self.log_dict({f"{prefix}{k}": m for k, m in metrics.items() if not (missing and "map_" in k)},
+                      prog_bar=stage == "val", add_dataloader_idx=False)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -321,7 +324,7 @@ class ClassifierModule(pl.LightningModule):
             who = "teacher_" if role == "teacher" and len(networks) > 1 else ""
             logits, maps = self.predict_and_explain(model, x)
             self.cue_metrics[f"{who}cue_follow"].update((logits.argmax(dim=1) == cue).float())
-            if maps is not None:
+            if maps is not None and map_metrics_missing({role: tuple(maps.shape[-2:])}) is None:  # no 1x1 map
                 self.cue_metrics[f"{who}cue_map_mass"].update(box_mass_share(maps, boxes, tuple(x.shape[-2:])))
         self.log_dict({f"test/{k}": m for k, m in self.cue_metrics.items() if m.update_called},
                       add_dataloader_idx=False)
@@ -390,6 +393,7 @@ class DistillModule(ClassifierModule):
         self.hparams.pop("role")
         self.hparams["student"] = self.hparams.pop("model")
         self.hparams.update(teacher=build_spec(teacher), weights=asdict(weights), explain=asdict(explain))
+        self.map_metrics_missing: str | None = None  # why map_cosine is not logged (distill.explain.resolution)
 
     @property
     def loss_method(self) -> str | None:
@@ -468,6 +472,20 @@ class DistillModule(ClassifierModule):
         return explain_network(model, features, target, method, logits=logits, create_graph=create_graph,
                                closed_form=self.explain.closed_form)
 
+    # ------------------------------------------------------------------ map grids
+    def map_grids(self, t_features: Tensor, s_features: Tensor) -> dict[str, tuple[int, int]]:
+        """``{"teacher wrn40_2": (h, w), "student ...": (h, w)}`` of features ``(B, K, h, w)`` (shapes only)."""
+        return {f"{role} {network_label(model)}": tuple(features.shape[-2:])
+                for role, model, features in (("teacher", self.teacher, t_features),
+                                              ("student", self.model, s_features))}
+
+    def require_meaningful_maps(self, t_features: Tensor, s_features: Tensor) -> None:
+        """The explanation loss needs maps of at least ``MIN_MAP_GRID`` per side (train.py checks
+        this before training; here for a module used on its own)."""
+        for name, grid in self.map_grids(t_features, s_features).items():
+            if not meaningful_grid(grid):
+                raise ConfigError(degenerate_grid_fix(name, grid))
+
     # ------------------------------------------------------------------ the loss
     def class_maps(self, role: str, features: Tensor) -> Tensor:
         """Class activation maps of every class, ``(B, K, h, w) -> (B, C, h, w)``, for CAT-KD: the
@@ -511,6 +529,7 @@ class DistillModule(ClassifierModule):
         s_logits = self.model.forward_head(s_features)
         target, maps = None, None
         if method is not None:
+            self.require_meaningful_maps(t_features, s_features)
             target = self.map_target(y, t_logits)
             t_maps = self.maps(self.teacher, t_logits, t_features, target, method, False).detach()
             maps = self.maps(self.model, s_logits, s_features, target, method, True), t_maps
@@ -562,5 +581,7 @@ class DistillModule(ClassifierModule):
             metrics[name].update(value)
         metrics[f"teacher_{score}"].update(t_logits, y)
         metrics["agreement"].update(self.task.agreement(s_logits, t_logits))
-        metrics["map_cosine"].update(map_cosine(*maps[self.explain.eval_method]), (target >= 0).float())
+        self.map_metrics_missing = map_metrics_missing(self.map_grids(t_features, s_features))
+        if self.map_metrics_missing is None:  # else map_cosine is left out, never a number
+            metrics["map_cosine"].update(*cosine_weights(map_cosine(*maps[self.explain.eval_method]), target >= 0))
         self.log_eval(metrics, stage)

@@ -90,11 +90,15 @@ def train_classifier(cfg: DictConfig, datamodule: pl.LightningDataModule, role: 
 
 def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
     student = build.check_contract(cfg, "student", build.network(cfg, "student"))
-    if not cfg.teacher.get("as_is"):  # a teacher trained first must fit the contract before it is trained
-        build.check_contract(cfg, "teacher", build.network(cfg, "teacher", weights_from_checkpoint=True))
+    probe = None  # a teacher trained first must fit the contract, and explain a real map, before it is trained
+    if not cfg.teacher.get("as_is"):
+        probe = build.check_contract(cfg, "teacher", build.network(cfg, "teacher", weights_from_checkpoint=True))
+        missing = build.map_grids(cfg, probe, student)
     teacher_cfg, teacher_data = teacher_datamodule(cfg, datamodule)
     teacher, teacher_path, data_differences = resolve_teacher(teacher_cfg, teacher_data, train_classifier)
     build.check_contract(cfg, "teacher", teacher)
+    if probe is None:
+        missing = build.map_grids(cfg, teacher, student)
     weights = LossWeights(**OmegaConf.to_container(cfg.loss, resolve=True))
     settings = ExplainSettings(method=cfg.explain.method, distance=cfg.explain.distance, target=cfg.explain.target,
                                eval_method=cfg.eval_method, closed_form=cfg.explain.closed_form)
@@ -107,7 +111,8 @@ def distill(cfg: DictConfig, datamodule: pl.LightningDataModule) -> dict:
     build.compiled(cfg, "student", module.model)
     build.compiled(cfg, "teacher", module.teacher)
     result = fit_and_test(cfg, module, datamodule, "distill")
-    return {**result, "teacher_checkpoint": str(teacher_path) if teacher_path else None,
+    missing = {"map_metrics_missing": missing} if missing else {}
+    return {**result, "teacher_checkpoint": str(teacher_path) if teacher_path else None, **missing,
             "teacher_data": build.identity(teacher_cfg, "teacher", teacher_data)["data"],
             "teacher_data_differences": data_differences}
 

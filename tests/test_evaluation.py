@@ -96,7 +96,8 @@ def test_agreement_and_map_cosine_by_hand():
     assert F.top1_agreement(s, t).tolist() == [1.0, 0.0, 1.0, 0.0]
     s_maps = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
     t_maps = torch.tensor([[[1.0, 1.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]])
-    assert torch.allclose(map_cosine(s_maps, t_maps), torch.tensor([1 / math.sqrt(2), 0.0]))
+    # an all-zero map has no direction: NaN, never 0 or 1
+    assert torch.allclose(map_cosine(s_maps, t_maps), torch.tensor([1 / math.sqrt(2), math.nan]), equal_nan=True)
 
 
 # --------------------------------------------------------------------------- a tiny model
@@ -141,8 +142,11 @@ def test_evaluate_batch_with_a_teacher_by_hand():
     assert scores["accuracy"].tolist() == [1.0, 0.0]  # the student predicts 0 twice
     assert scores["teacher/accuracy"].tolist() == [1.0, 1.0]
     assert scores["agreement"].tolist() == [1.0, 0.0]
-    # Label target: sample 1 both maps ~ A0 -> cos 1; sample 2 class 1 has zero weights -> all-zero maps -> 0.
-    assert scores["map_cosine"].tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
+    # Label target: sample 1 both maps ~ A0 -> cos 1; sample 2 class 1 has zero weights -> all-zero maps -> NaN.
+    assert scores["map_cosine"].tolist() == pytest.approx([1.0, math.nan], abs=1e-6, nan_ok=True)
+    acc = F.ScoreAccumulator()
+    acc.update({"map_cosine": scores["map_cosine"]})
+    assert acc.compute()["map_cosine"] == pytest.approx(1.0)  # the undefined pair is left out of the mean
     assert "teacher/gradcampp/average_drop" in scores
     # Student's top-1 (class 0) on sample 2: student map [[4/3,0],[0,4/9]], teacher [[4/3,0],[0,0]]:
     # cos = (16/9) / (4/3 * sqrt(16/9 + 16/81)) = 3 / sqrt(10).

@@ -364,13 +364,13 @@ def test_map_cosine():
     got = map_cosine(S2, T2)
     assert got.shape == (2,)
     np.testing.assert_allclose(_np(got), [0.8, 0.5], rtol=1e-6)
-    # (B, T, h, w) -> (B, T); zero map -> 0 (not NaN); opposite -> -1.
+    # (B, T, h, w) -> (B, T); an all-zero map has no direction -> NaN (left out of means); opposite -> -1.
     a = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     stack_s = torch.stack([torch.stack([S2[0], torch.zeros(2, 2)]), torch.stack([a, a])])
     stack_t = torch.stack([torch.stack([T2[0], T2[1]]), torch.stack([-a, torch.zeros(2, 2)])])
     got2 = map_cosine(stack_s, stack_t)
     assert got2.shape == (2, 2)
-    np.testing.assert_allclose(_np(got2), [[0.8, 0.0], [-1.0, 0.0]], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(_np(got2), [[0.8, np.nan], [-1.0, np.nan]], rtol=1e-6, atol=1e-7)
     # Resized student: 2x2 block-constant map downsampled to the teacher is identical.
     assert map_cosine(a.repeat_interleave(2, 0).repeat_interleave(2, 1)[None], a[None]).item() == (
         pytest.approx(1.0, rel=1e-6)

@@ -151,3 +151,50 @@ def test_the_link_checker_finds_broken_links():
 @pytest.mark.parametrize("path", [README, *PAGES], ids=lambda p: str(p.relative_to(REPO)))
 def test_every_link_of_the_readme_and_the_docs_leads_somewhere(path):
     assert not broken_links(path.read_text(), path)
+
+
+# --------------------------------------------------------------------------- map grids
+def map_grid_at(cfg, role: str) -> tuple[int, int]:
+    """The grid ``cfg[role]`` explains at the data's image size: the network built on the meta
+    device (no weights, no memory), one image through ``forward_features`` (shapes only)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from distill.build import example_images
+    from distill.models import build_model, model_options
+
+    node = OmegaConf.to_container(cfg[role], resolve=True)
+    with torch.device("meta"):
+        model = build_model(node["name"], int(cfg.data.get("num_classes") or 2),
+                            **model_options(node, weights_from_checkpoint=True)).eval()
+        size = example_images(cfg).shape[-1]
+        features = model.forward_features(torch.empty(1, 3, size, size))
+    return tuple(features.shape[-2:])
+
+
+def test_map_grid_at_is_the_real_grid(tmp_path):
+    """The meta-device grid equals the grid of real weights on a real image (hand-checked: a stride-32
+    ResNet-18 at 32 pixels explains 1x1, with output_stride=8 4x4; WRN-40-2 stride 4: 8x8)."""
+    cfg = compose_config(tmp_path, ["student=timm", "student.arch=resnet18", "teacher=wrn40_2"])
+    assert map_grid_at(cfg, "student") == (1, 1) and map_grid_at(cfg, "teacher") == (8, 8)
+    cfg = compose_config(tmp_path, ["student=timm", "student.arch=resnet18", "student.output_stride=8"])
+    assert map_grid_at(cfg, "student") == (4, 4)
+
+
+# The README's commands, and those of docs/ where this module collects them (docs_commands).
+SHOWN_COMMANDS = globals().get("docs_commands", readme_commands)
+
+
+@pytest.mark.parametrize("command", [c for c in SHOWN_COMMANDS() if overrides(c, "/x") is not None])
+def test_every_readme_model_explains_a_real_map_at_its_data_size(tmp_path, command):
+    """Each README command (the networks it names, or its preset's): with an explanation loss, both
+    networks explain at least MIN_MAP_GRID x MIN_MAP_GRID at the data's image size (else train.py
+    refuses the run)."""
+    from distill.explain import MIN_MAP_GRID, meaningful_grid
+
+    for args in overrides(command, tmp_path):
+        cfg = compose_config(tmp_path, args)
+        if float(cfg.loss.explain) > 0:
+            grids = {role: map_grid_at(cfg, role) for role in ("teacher", "student")}
+            assert all(meaningful_grid(g) for g in grids.values()), (
+                f"{command}: {grids} below {MIN_MAP_GRID}x{MIN_MAP_GRID}")

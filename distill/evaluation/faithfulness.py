@@ -27,11 +27,12 @@ Conventions (also written into every evaluation JSON, see :data:`CONVENTIONS`):
   (the student's map resized bilinearly to the teacher's size when they differ), both
   explaining the same class: by default the image's label (the class the paper's
   explanation loss matches), optionally the student's or the teacher's top-1. An all-zero
-  map has cosine 0 with anything.
+  map has no direction: its cosine is undefined (NaN) and the pair is left out of the mean.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -55,7 +56,7 @@ CONVENTIONS = {
                "ties count half",
     "agreement_pct": "100 * mean(1[argmax student == argmax teacher])",
     "map_cosine": "mean cosine of teacher and student Grad-CAM++ maps for the same class "
-                  "(similarity_target), student map resized to the teacher's; all-zero map -> 0",
+                  "(similarity_target), student map resized to the teacher's; pairs with an all-zero map left out",
     "pointing_game_pct": "100 * mean over cells of n x n grids of distinct classes (images the teacher, else the "
                          "model, classifies correctly) of positive map mass in the explained class's cell / "
                          "positive mass over the grid (Böhle et al., CVPR 2021); all-zero map -> 0",
@@ -230,11 +231,14 @@ class WeightedMean(nn.Module):
         self.weight = SumMetric(nan_strategy="disable")
 
     def update(self, value: Tensor, weight: Tensor | None = None) -> None:
+        """NaN values (undefined, e.g. ``map_cosine`` of an all-zero map) are left out (weight 0)."""
         weight = torch.ones_like(value) if weight is None else weight.to(value.dtype)
-        self.total.update((value * weight).sum())
+        weight = weight * ~value.isnan()
+        self.total.update((value.nan_to_num(0.0) * weight).sum())
         self.weight.update(weight.sum())
 
     def compute(self) -> Tensor:
+        """The mean; NaN when nothing was counted."""
         return self.total.compute() / self.weight.compute()
 
 
@@ -274,6 +278,8 @@ class ScoreAccumulator(nn.Module):
         result: dict[str, float] = {}
         for key, name in self._keys.items():
             value = float(self.means[name].compute())
+            if math.isnan(value):  # nothing defined was counted (e.g. every map all zero): no number
+                continue
             if key.split("/")[-1] in UNITLESS:
                 result[key] = value
             else:

@@ -11,6 +11,9 @@ green when it is the label and red otherwise. By default every model explains it
 Multi-label (VOC) images get :func:`multilabel_cells` instead: one column per positive class
 (teacher's and student's Grad-CAM++), titled with the class name and the sigmoid score.
 
+A network whose map is below the minimum grid (``distill.explain.resolution``, e.g. 1 x 1) gets
+blank cells titled ``n/a (1x1 map)`` instead of its maps.
+
 Maps are overlaid with :func:`distill.explain.overlay` (min-max normalised, jet colour map);
 Guided Grad-CAM++ is shown with the usual contrast stretch (per image: subtract the mean,
 divide by the std, scale by 0.1, shift to 0.5, clip to ``[0, 1]``).
@@ -30,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.evaluation.faithfulness import forward_explainable
-from distill.explain import EVAL_METHOD, head_maps
+from distill.explain import EVAL_METHOD, head_maps, map_metrics_missing, missing_cell
 from distill.explain.visual import denormalize, guided_gradcam, overlay
 
 TARGETS = ("pred", "label")
@@ -58,6 +61,13 @@ def stretch_guided(guided: Tensor) -> Tensor:
     mean = flat.mean(dim=1)[:, None, None, None]
     std = flat.std(dim=1)[:, None, None, None]
     return ((guided - mean) / (std + 1e-5) * 0.1 + 0.5).clamp(0, 1)
+
+
+def _too_small(who: str, features: Tensor) -> str | None:
+    """``n/a (1x1 map)`` when ``features`` ``(B, K, h, w)`` give a map below the minimum grid
+    (``distill.explain.resolution``): its cells are left blank, with that title, never a map."""
+    missing = map_metrics_missing({who or "model": tuple(features.shape[-2:])})
+    return missing_cell(missing) if missing else None
 
 
 def _name(index: int, class_names: Sequence[str] | None) -> str:
@@ -107,7 +117,9 @@ def explanation_cells(
             pred = logits.argmax(dim=1)
             forwards[who] = (features, pred, pred if target == "pred" else labels)
         features, pred, explained = forwards[who]
-        if method == "guided":
+        if _too_small(who, features):
+            pictures.append((who, method, torch.ones_like(images), pred, _too_small(who, features)))
+        elif method == "guided":
             pictures.append((who, method, stretch_guided(guided_gradcam(net, images, explained, "gradcampp")),
                              pred, False))
         else:
@@ -124,6 +136,9 @@ def explanation_cells(
         for who, method, pics, preds, is_map in pictures_cpu:
             pred = preds[i]
             title = f"{who} {TITLES[method]}".strip() + f"\npred: {_name(pred, class_names)}"
+            if isinstance(is_map, str):  # a map too small to show anything: a blank cell saying so
+                row.append(Cell(_rgb(pics[i : i + 1])[0], f"{title}\n{is_map}", GREEN if pred == label else RED))
+                continue
             picture = overlay(pixels[i].cpu(), pics[i]) if is_map else _rgb(pics[i : i + 1])[0]
             row.append(Cell(picture, title, GREEN if pred == label else RED, smooth=is_map))
         rows.append(row)
@@ -154,9 +169,10 @@ def multilabel_cells(
     columns = []
     for who, net in roles:
         features, logits = forward_explainable(net, images)
-        maps = head_maps(net, features, target, method).cpu()  # (B, T, h, w)
+        small = _too_small(who, features)
+        maps = None if small else head_maps(net, features, target, method).cpu()  # (B, T, h, w)
         probs = torch.sigmoid(logits.float()).cpu()
-        columns.append((who, maps, probs))
+        columns.append((who, maps, probs, small))
     title = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++"}.get(method, method)
     rgb = _rgb(pixels)
     blank = np.full_like(rgb[0], 255)
@@ -165,14 +181,17 @@ def multilabel_cells(
         positives = [_name(c, class_names) for c in classes if c >= 0]
         row = [Cell(rgb[b], "image\n" + (", ".join(positives) or "no positive"))]
         for t, c in enumerate(classes):
-            for who, maps, probs in columns:
+            for who, maps, probs, small in columns:
                 if c < 0:
                     row.append(Cell(blank, ""))
                     continue
                 score = float(probs[b, c])
-                row.append(Cell(overlay(pixels[b].cpu(), maps[b, t]), f"{who} {title}".strip()
-                                + f"\n{_name(c, class_names)} p={score:.2f}", GREEN if score > 0.5 else RED,
-                                smooth=True))
+                heading = f"{who} {title}".strip() + f"\n{_name(c, class_names)} p={score:.2f}"
+                color = GREEN if score > 0.5 else RED
+                if small:  # a map too small to show anything
+                    row.append(Cell(blank, f"{heading}\n{small}", color))
+                    continue
+                row.append(Cell(overlay(pixels[b].cpu(), maps[b, t]), heading, color, smooth=True))
         rows.append(row)
     return rows
 

@@ -36,6 +36,7 @@ from distill.evaluation.faithfulness import (
 from distill.evaluation.localization import localization_scores
 from distill.explain import EVAL_METHOD, head_maps
 from distill.losses import map_cosine
+from distill.losses.explain import cosine_weights
 
 ML_CONVENTIONS = {
     "explained_classes": "every ground-truth positive class of each image (pairs; -1 padding left out)",
@@ -44,7 +45,8 @@ ML_CONVENTIONS = {
     "loc_pct": "100 * mean over pairs with a non-difficult box of IoU(map >= delta * max, boxes)",
     "map": "mean over classes with a positive of the AP (difficult-only entries ignored)",
     "agreement_pct": "100 * mean share of classes with the same decision (logit > 0) by student and teacher",
-    "map_cosine": "mean over pairs of the cosine of teacher and student Grad-CAM++ maps",
+    "map_cosine": "mean over pairs of the cosine of teacher and student Grad-CAM++ maps (pairs with an all-zero "
+                  "map left out)",
 }
 
 
@@ -140,7 +142,7 @@ def evaluate_multilabel_batch(
     if teacher is not None:
         s_maps, t_maps = maps_of[""][similarity_method], maps_of["teacher/"][similarity_method]
         cosine = map_cosine(s_maps.flatten(0, 1), t_maps.flatten(0, 1))
-        scores["map_cosine"] = (cosine, weight)
+        scores["map_cosine"] = cosine_weights(cosine, weight)  # all-zero maps (and padding) left out
         same = ((logits_of[""] > 0) == (logits_of["teacher/"] > 0)).float().mean(dim=1)
         scores["agreement"] = (same, torch.ones_like(same))
     return scores, logits_of

@@ -38,14 +38,35 @@ def _similarity_method(result: dict) -> str:
     return METHOD_NAMES.get(result.get("similarity_method", "gradcampp"), result.get("similarity_method"))
 
 
-def _faithfulness_cells(m: dict, prefix: str) -> list[str]:
+ROLES = {"": ("student", "model"), "teacher/": ("teacher",), None: ("student", "model", "teacher")}
+
+
+def _map_cell(result: dict, key: str, prefix: str | None, digits: int = 2) -> str:
+    """A map metric's cell: its value, or ``n/a (1x1 map)`` when the network of ``prefix`` (``""``,
+    ``teacher/``; ``None``: either, for the map cosine) explains a map too small to mean anything."""
+    missing = result.get("map_metrics_missing")
+    if missing:
+        from distill.explain.resolution import missing_cell, missing_for
+
+        part = missing_for(missing, ROLES[prefix])
+        if part:
+            return missing_cell(part)
+    return _fmt(result["metrics"].get(key), digits)
+
+
+def _faithfulness_cells(result: dict, prefix: str) -> list[str]:
     """Average Drop / Increase in Confidence of Grad-CAM and Grad-CAM++, then the Win %, of the
     model whose metric keys start with ``prefix`` (``""`` or ``teacher/``)."""
     cells = []
     for method in ("gradcam", "gradcampp"):
-        cells += [_fmt(m.get(f"{prefix}{method}/average_drop_pct")),
-                  _fmt(m.get(f"{prefix}{method}/increase_in_confidence_pct"))]
-    return [*cells, _fmt(m.get(f"{prefix}win_gradcampp_vs_gradcam_pct"))]
+        cells += [_map_cell(result, f"{prefix}{method}/average_drop_pct", prefix),
+                  _map_cell(result, f"{prefix}{method}/increase_in_confidence_pct", prefix)]
+    return [*cells, _map_cell(result, f"{prefix}win_gradcampp_vs_gradcam_pct", prefix)]
+
+
+def _missing_note(result: dict) -> list[str]:
+    missing = result.get("map_metrics_missing")
+    return [f"Map metrics missing: {missing} (below the minimum grid; docs/map_grids.md).", ""] if missing else []
 
 
 # --------------------------------------------------------------------------- markdown
@@ -85,8 +106,8 @@ def multilabel_markdown(result: dict) -> str:
     headers += ["Win % Grad-CAM++ vs Grad-CAM", *[f"Loc % Grad-CAM++ (delta {d:g})" for d in deltas]]
 
     def row(label: str, prefix: str) -> list[str]:
-        return [label, _fmt(m.get(f"{prefix}{score}"), 4), *_faithfulness_cells(m, prefix),
-                *(_fmt(m.get(f"{prefix}loc{round(100 * d):02d}_pct")) for d in deltas)]
+        return [label, _fmt(m.get(f"{prefix}{score}"), 4), *_faithfulness_cells(result, prefix),
+                *(_map_cell(result, f"{prefix}loc{round(100 * d):02d}_pct", prefix) for d in deltas)]
 
     rows = [row(f"{'student' if teacher else 'model'} {model['name']}", "")]
     if teacher:
@@ -97,7 +118,8 @@ def multilabel_markdown(result: dict) -> str:
                   markdown_table(["teacher vs student", "value"],
                                  [["agreement % (same logit > 0 decision, per class)", _fmt(m.get("agreement_pct"))],
                                   [f"map cosine ({_similarity_method(result)}, every positive class)",
-                                   _fmt(m.get("map_cosine"), 4)]])]
+                                   _map_cell(result, "map_cosine", None, 4)]])]
+    lines += _missing_note(result)
     lines += ["Conventions:", ""]
     lines += [f"- `{k}`: {v}" for k, v in sorted(result.get("conventions", {}).items())]
     return "\n".join(lines) + "\n"
@@ -126,7 +148,7 @@ def evaluation_markdown(result: dict) -> str:
     headers.append("Win % Grad-CAM++ vs Grad-CAM")
 
     def row(label: str, prefix: str) -> list[str]:
-        return [label, _fmt(m.get(f"{prefix}accuracy_pct")), *_faithfulness_cells(m, prefix)]
+        return [label, _fmt(m.get(f"{prefix}accuracy_pct")), *_faithfulness_cells(result, prefix)]
 
     rows = [row(f"{'student' if teacher else 'model'} {model['name']}", "")]
     if teacher:
@@ -140,7 +162,7 @@ def evaluation_markdown(result: dict) -> str:
                 ["teacher vs student", "value"],
                 [["top-1 agreement %", _fmt(m.get("agreement_pct"))],
                  [f"map cosine ({_similarity_method(result)}, class: {result['similarity_target']})",
-                  _fmt(m.get("map_cosine"), 4)]],
+                  _map_cell(result, "map_cosine", None, 4)]],
             ),
         ]
     else:
@@ -156,9 +178,10 @@ def evaluation_markdown(result: dict) -> str:
             "",
             markdown_table(["method", *[w for w, _ in who]],
                            [[METHOD_NAMES.get(mth, mth),
-                             *[_fmt(m.get(f"{pre}pointing_game_{n}x{n}/{mth}_pct")) for _, pre in who]]
+                             *[_map_cell(result, f"{pre}pointing_game_{n}x{n}/{mth}_pct", pre) for _, pre in who]]
                             for mth in game["methods"]]),
         ]
+    lines += _missing_note(result)
     lines += ["Conventions:", ""]
     lines += [f"- `{k}`: {v}" for k, v in sorted(result.get("conventions", {}).items())]
     return "\n".join(lines) + "\n"
@@ -176,6 +199,7 @@ class Run:
     variant: str = ""
     partial: str = ""  # e.g. "test: 1,000 of 10,000 images" when a metric saw part of its split only
     flags: list[str] = field(default_factory=list)  # metrics.json's flags, e.g. a model at chance level
+    missing: str = ""  # map_metrics_missing of metrics.json / evaluation.json: why map metrics are absent
 
 
 @dataclass
@@ -185,17 +209,18 @@ class Column:
     scale: float = 1.0
     digits: int = 2
     derived_from: str | None = None  # error % = 100 - accuracy %
+    on_maps: bool = False  # computed on explanation maps: absent (n/a) for a network whose map is too small
 
 
 COLUMNS = [
     Column("test/acc", "accuracy %", 100.0),
     Column("error", "error %", 100.0, derived_from="test/acc"),
     Column("test/agreement", "agreement %", 100.0),
-    Column("test/map_cosine", "map cosine", 1.0, digits=4),
+    Column("test/map_cosine", "map cosine", 1.0, digits=4, on_maps=True),
     Column("test/teacher_acc", "teacher accuracy %", 100.0),
-    Column("eval:gradcampp/average_drop_pct", "Avg Drop % Grad-CAM++"),
-    Column("eval:gradcampp/increase_in_confidence_pct", "Incr. Conf. % Grad-CAM++"),
-    Column("eval:win_gradcampp_vs_gradcam_pct", "Win % Grad-CAM++"),
+    Column("eval:gradcampp/average_drop_pct", "Avg Drop % Grad-CAM++", on_maps=True),
+    Column("eval:gradcampp/increase_in_confidence_pct", "Incr. Conf. % Grad-CAM++", on_maps=True),
+    Column("eval:win_gradcampp_vs_gradcam_pct", "Win % Grad-CAM++", on_maps=True),
 ]
 PLOTTED = ("test/acc", "test/agreement", "test/map_cosine")
 
@@ -207,6 +232,7 @@ class VariantSummary:
     stats: dict[str, tuple[float, float | None]] = field(default_factory=dict)  # key -> (mean, std)
     partial: list[str] = field(default_factory=list)  # Run.partial of its runs that have one
     flags: list[str] = field(default_factory=list)  # Run.flags of its runs, "seed N: <flag>"
+    missing: str = ""  # why its map metrics are absent (Run.missing of its first run that has one)
 
 
 def _job_sort_key(path: Path) -> tuple:
@@ -280,7 +306,9 @@ def collect_runs(root: str | Path) -> list[Run]:
         metrics = {k: float(v) for k, v in result.get("metrics", {}).items() if isinstance(v, int | float)}
         metrics.update(_eval_metrics(job_dir))
         seed = settings.get("seed", recorded["seed"])
-        runs.append(Run(job_dir, seed, settings, metrics, partial=_partial(result, _evaluation(job_dir)),
+        evaluation = _evaluation(job_dir)
+        missing = result.get("map_metrics_missing") or evaluation.get("map_metrics_missing") or ""
+        runs.append(Run(job_dir, seed, settings, metrics, partial=_partial(result, evaluation), missing=missing,
                         flags=list(result.get("flags", []))))
     finished = {run.job_dir for run in runs}
     unfinished = [d for d in sorted(root.iterdir(), key=_job_sort_key)
@@ -319,6 +347,7 @@ def summarize_runs(runs: list[Run], columns: Sequence[Column] = COLUMNS) -> list
         members = [run for run in runs if run.variant == summary.variant]
         summary.partial = [f"seed {run.seed}: {run.partial}" for run in members if run.partial]
         summary.flags = [f"seed {run.seed}: {flag}" for run in members for flag in run.flags]
+        summary.missing = next((run.missing for run in members if run.missing), "")
         for column in columns:
             source = column.derived_from or column.key
             values = [run.metrics[source] for run in members if source in run.metrics]
@@ -330,13 +359,28 @@ def summarize_runs(runs: list[Run], columns: Sequence[Column] = COLUMNS) -> list
     return list(summaries.values())
 
 
+def _column_missing(column: Column, missing: str) -> str:
+    """``n/a (1x1 map)`` for a map column of a variant whose (student's, or for the map cosine either)
+    map is too small, else ``""``."""
+    if not (column.on_maps and missing):
+        return ""
+    from distill.explain.resolution import missing_cell, missing_for
+
+    part = missing if column.key.endswith("map_cosine") else missing_for(missing, ("student", "model"))
+    return missing_cell(part) if part else ""
+
+
 def summary_markdown(summaries: list[VariantSummary], root: str | Path, columns: Sequence[Column] = COLUMNS) -> str:
-    shown = [c for c in columns if any(c.key in s.stats for s in summaries)]
+    shown = [c for c in columns if any(c.key in s.stats or _column_missing(c, s.missing) for s in summaries)]
     headers = ["variant", "seeds", *[c.header for c in shown]]
     rows = []
     for s in summaries:
         cells = [s.variant, str(len(s.seeds))]
         for c in shown:
+            missing = _column_missing(c, s.missing)
+            if missing:  # a map too small to mean anything: never a number
+                cells.append(missing)
+                continue
             if c.key not in s.stats:
                 cells.append("–")
                 continue
@@ -345,6 +389,9 @@ def summary_markdown(summaries: list[VariantSummary], root: str | Path, columns:
         rows.append(cells)
     partial = [f"- {s.variant}: " + ", ".join(s.partial) for s in summaries if s.partial]
     flagged = [f"- {s.variant}: " + "; ".join(s.flags) for s in summaries if s.flags]
+    missing = [f"- {s.variant}: {s.missing}" for s in summaries if s.missing]
+    missing_note = ("\n**Map metrics missing** (a map below the minimum grid, docs/map_grids.md):\n\n"
+                    + "\n".join(missing) + "\n") if missing else ""
     note = ("\n**Partial test sets** (`data.test_subset` / `limit_test_batches` / `limit_batches`): not comparable "
             "to whole-test-set numbers.\n\n" + "\n".join(partial) + "\n") if partial else ""
     if flagged:
@@ -352,7 +399,7 @@ def summary_markdown(summaries: list[VariantSummary], root: str | Path, columns:
     return (
         f"# Ablation summary of `{root}`\n\n"
         "Mean ± sample standard deviation over seeds (test split, final weights); one seed: mean only.\n\n"
-        + markdown_table(headers, rows) + note
+        + markdown_table(headers, rows) + note + missing_note
     )
 
 

@@ -220,14 +220,58 @@ def _pointing_settings(cfg: DictConfig) -> dict | None:
     return game
 
 
-def _pointing_game(session: Session, dataset, labels, correct, game: dict, seed: int) -> dict[str, float]:
-    """The grid pointing game of the student (and its teacher) on grids of images that the
-    teacher (else the model) classifies correctly: the same grids for both."""
-    from distill.evaluation.pointing import pointing_game
+def map_metrics_missing(session: Session) -> str | None:
+    """Why the map metrics of the checkpoint's network(s) are left out (``distill.explain.resolution``:
+    a map grid below ``MIN_MAP_GRID`` at the data's image size), or ``None``."""
+    from distill.explain import networks_missing
 
-    models = {"": session.student.model}
+    networks = {"student" if session.teacher is not None else "model": session.student.model}
     if session.teacher is not None:
+        networks["teacher"] = session.teacher.model
+    missing = networks_missing(networks)
+    if missing:
+        log.warning("%s: its map metrics (faithfulness, map cosine, pointing game, localisation) are left out",
+                    missing)
+    return missing
+
+
+def is_map_metric(key: str) -> bool:
+    """True for a metric computed on explanation maps (``<method>/...``, Win, pointing game,
+    localisation, map cosine), not on the logits (accuracy, mAP, agreement)."""
+    name = key.removeprefix("teacher/")
+    return name == "map_cosine" or "/" in name or name.startswith(("win_", "pointing_game_", "loc"))
+
+
+def without_map_metrics(metrics: dict, missing: str | None) -> dict:
+    """``metrics`` without the map metrics of the networks that ``missing`` names (map cosine
+    with either)."""
+    from distill.explain.resolution import missing_for
+
+    student, teacher = missing_for(missing, ("student", "model")), missing_for(missing, ("teacher",))
+
+    def dropped(key: str) -> bool:
+        if not is_map_metric(key):
+            return False
+        if key == "map_cosine":
+            return missing is not None
+        return bool(teacher) if key.startswith("teacher/") else bool(student)
+
+    return {k: v for k, v in metrics.items() if not dropped(k)}
+
+
+def _pointing_game(session: Session, dataset, labels, correct, game: dict, seed: int,
+                   missing: str | None = None) -> dict[str, float]:
+    """The grid pointing game of the student (and its teacher) on grids of images that the
+    teacher (else the model) classifies correctly: the same grids for both. A network whose map
+    is too small (``missing``) is left out."""
+    from distill.evaluation.pointing import pointing_game
+    from distill.explain.resolution import missing_for
+
+    models = {} if missing_for(missing, ("student", "model")) else {"": session.student.model}
+    if session.teacher is not None and not missing_for(missing, ("teacher",)):
         models["teacher/"] = session.teacher.model
+    if not models:
+        return {}
     n = game["grid"]
     try:
         return pointing_game(models, dataset, labels, correct, n, game["num_grids"], game["methods"], seed,
@@ -308,11 +352,12 @@ def _evaluate_multilabel(cfg: DictConfig, session: Session, limit: int | None, s
             metric.update(logits[prefix], batch[1])
     if not num_images:
         raise ConfigError(f"the {split} split has no images to evaluate")
-    metrics = scores.compute()
+    missing = map_metrics_missing(session)
+    metrics = without_map_metrics(scores.compute(), missing)
     metrics["num_images"] = num_images
     for prefix, metric in ap.items():
         metrics[f"{prefix}{task.score_name}"] = float(metric.compute())
-    return _write_result(cfg, session, metrics, {
+    return _write_result(cfg, session, metrics, {**({"map_metrics_missing": missing} if missing else {}),
         "task": task.name, "score_name": task.score_name, "split": split, "limit_batches": limit,
         "split_size": len(_dataset(session, split)), "partial": num_images < len(_dataset(session, split)),
         "loc_deltas": list(deltas), "similarity_target": "label", "similarity_method": cfg.eval_method,
@@ -364,16 +409,18 @@ def evaluate(cfg: DictConfig) -> dict:
         if game is not None:
             all_labels.append(labels)
             correct.append(batch_scores["teacher/accuracy" if teacher is not None else "accuracy"] > 0)
-    metrics = scores.compute()
+    missing = map_metrics_missing(session)
+    metrics = without_map_metrics(scores.compute(), missing)
     if not metrics["num_images"]:
         raise ConfigError(f"the {split} split has no images to evaluate")
     if game is not None:
         metrics.update(_pointing_game(session, loader.dataset, torch.cat(all_labels), torch.cat(correct), game,
-                                      int(cfg.get("seed", 0))))
+                                      int(cfg.get("seed", 0)), missing))
     metrics["error_pct"] = 100.0 - metrics["accuracy_pct"]
     if "teacher/accuracy_pct" in metrics:
         metrics["teacher/error_pct"] = 100.0 - metrics["teacher/accuracy_pct"]
     return _write_result(cfg, session, metrics, {
+        **({"map_metrics_missing": missing} if missing else {}),
         "pointing_game": game, "split": split, "split_size": len(_dataset(session, split)),
         "partial": metrics["num_images"] < len(_dataset(session, split)), "limit_batches": limit,
         "similarity_target": similarity, "similarity_method": cfg.eval_method, "conventions": CONVENTIONS})

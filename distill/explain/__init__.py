@@ -1,4 +1,5 @@
-"""Explanation maps: pure tensor functions (``maps``) and the maps of a network (``network``)."""
+"""Explanation maps: pure tensor functions (``maps``), the maps of a network (``network``) and
+whether its grid is fine enough to mean anything (``resolution``)."""
 
 from distill.explain.maps import (
     EVAL_METHOD,
@@ -27,6 +28,14 @@ from distill.explain.network import (
     network_spec,
     use_general_path,
 )
+from distill.explain.resolution import (
+    MIN_MAP_GRID,
+    map_grid,
+    map_metrics_missing,
+    meaningful_grid,
+    missing_cell,
+    networks_missing,
+)
 from distill.explain.visual import (
     GuidedReLUMode,
     denormalize,
@@ -40,6 +49,7 @@ from distill.explain.visual import (
 __all__ = [
     "EVAL_METHOD",
     "METHODS",
+    "MIN_MAP_GRID",
     "GuidedReLUMode",
     "box_mass_share",
     "class_gradients",
@@ -61,8 +71,13 @@ __all__ = [
     "hirescam_maps",
     "layercam_maps",
     "leaf_features",
+    "map_grid",
+    "map_metrics_missing",
+    "meaningful_grid",
+    "missing_cell",
     "model_maps",
     "network_maps",
+    "networks_missing",
     "normalize_maps",
     "overlay",
     "resize_maps",

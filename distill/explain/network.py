@@ -29,6 +29,7 @@ from distill.explain.maps import (
     float32_region,
     weighted_maps,
 )
+from distill.explain.resolution import record_grid
 from distill.models.contract import (
     CONTRACT_ATTRIBUTE,
     MapPath,
@@ -225,11 +226,13 @@ def use_general_path(model: nn.Module, features: Tensor) -> NetworkSpec:
 
 
 def inspect_network(model: nn.Module, images: Tensor) -> NetworkSpec:
-    """Check ``model`` against the contract on ``images`` ``(B>=2, 3, H, W)`` and inspect its head."""
+    """Check ``model`` against the contract on ``images`` ``(B>=2, 3, H, W)`` (the data's size) and
+    inspect its head; the explained grid at that size is recorded (``distill.explain.resolution``)."""
     require_network(model, "network", type(model).__name__)
     with torch.no_grad(), eval_mode(model):
         features = model.forward_features(images)
     check_map_features(model, features)
+    record_grid(model, features)
     return inspect_head(model, _random_like(_at_least_float32(features)))
 
 
@@ -241,6 +244,7 @@ def network_spec(model: nn.Module, features: Tensor | None = None) -> NetworkSpe
         if features is None:
             raise ConfigError(f"{type(model).__name__} was not inspected: call distill.explain.inspect_network first")
         check_map_features(model, features)
+        record_grid(model, features)
         spec = inspect_head(model, _random_like(_at_least_float32(features.detach())))
     return spec
 

@@ -3,6 +3,7 @@ docs/method.md §3), and the cosine of two maps used to compare them at evaluati
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -10,7 +11,8 @@ DISTANCES = ("squared_l2", "normalized_squared_l2", "cosine")
 # Every map norm is clamped at MAP_NORM_EPS (the normalised distance, the cosine distance, map_cosine).
 # The gradient of s / max(||s||, eps) is ~ 1 / max(||s||, eps): the clamp bounds it at a near-zero
 # student map (1e-12 would let it reach 1e12), and an all-zero map (every pixel cut by the ReLU)
-# gives cosine 0, not NaN. Real maps have norms far above it, where the clamp changes nothing.
+# gives no NaN in the losses (map_cosine, a metric, marks it NaN on purpose). Real maps have norms
+# far above it, where the clamp changes nothing.
 MAP_NORM_EPS = 1e-6
 
 
@@ -54,9 +56,23 @@ def explain_loss(
 
 
 def map_cosine(student_maps: Tensor, teacher_maps: Tensor) -> Tensor:
-    """Cosine similarity of each pair of maps: ``(..., h, w) -> (...)``; 0 for an all-zero map."""
+    """Cosine similarity of each pair of maps: ``(..., h, w) -> (...)``; NaN where either map is all
+    zero. A map without any positive evidence has no direction: its cosine with anything is
+    undefined, so it is neither 0 nor 1 (a constant map of one value would give 1 with any other);
+    average with :func:`cosine_weights`, which leaves such pairs out."""
     s = match_size(student_maps, teacher_maps).float().flatten(-2)
-    return F.cosine_similarity(s, teacher_maps.float().flatten(-2), dim=-1, eps=MAP_NORM_EPS)
+    t = teacher_maps.float().flatten(-2)
+    cosine = F.cosine_similarity(s, t, dim=-1, eps=MAP_NORM_EPS)
+    empty = (s == 0).all(-1) | (t == 0).all(-1)
+    return cosine.masked_fill(empty, float("nan"))
 
 
-__all__ = ["DISTANCES", "MAP_NORM_EPS", "explain_loss", "map_cosine", "match_size"]
+def cosine_weights(cosine: Tensor, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(values, weights)`` to average :func:`map_cosine` by: NaN pairs (an all-zero map) get value
+    0 and weight 0, the others ``weight`` (default 1). No host synchronisation."""
+    defined = ~cosine.isnan()
+    weight = torch.ones_like(cosine) if weight is None else weight.to(cosine.dtype).expand_as(cosine)
+    return cosine.nan_to_num(0.0), weight * defined
+
+
+__all__ = ["DISTANCES", "MAP_NORM_EPS", "cosine_weights", "explain_loss", "map_cosine", "match_size"]

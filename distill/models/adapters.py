@@ -69,19 +69,49 @@ class TimmNetwork(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+# timm families that dilate their last stages for ``output_stride`` 8 / 16 (timm 1.0; measured by
+# tests/test_models.py): the rest refuse the option (MobileNetV3, DenseNet, VGG, GhostNet, DLA,
+# HRNet, FastViT, ViTs).
+OUTPUT_STRIDE_FAMILIES = ("resnet", "resnext", "convnext", "efficientnet", "mobilenetv2", "regnet", "cspnet",
+                          "repvgg", "rexnet")
+OUTPUT_STRIDES = (8, 16, 32)
+
+
+def _output_stride(arch: str, output_stride: int | None) -> dict:
+    """timm's ``output_stride`` option, checked; ``{}`` for the model's own (null)."""
+    if output_stride is None:
+        return {}
+    if output_stride not in OUTPUT_STRIDES:
+        raise ConfigError(f"output_stride={output_stride} for timm model {arch}: use one of {OUTPUT_STRIDES} "
+                          "or null (the model's own)")
+    return {"output_stride": int(output_stride)}
+
+
+def _no_output_stride(arch: str, output_stride: int) -> ConfigError:
+    return ConfigError(
+        f"timm model {arch} does not support output_stride={output_stride} (no dilated stages); families that do: "
+        f"{', '.join(OUTPUT_STRIDE_FAMILIES)}. Fix: one of those, a larger data.image_size, or an earlier layer=")
+
+
 def timm_network(num_classes: int, arch: str = "resnet18", pretrained: bool = False, layer: str | None = None,
-                 **options) -> nn.Module:
+                 output_stride: int | None = None, **options) -> nn.Module:
     """``timm.create_model(arch, num_classes=...)`` behind the contract; ``options`` go to timm
-    (e.g. ``drop_rate``, ``img_size``)."""
+    (e.g. ``drop_rate``, ``img_size``). ``output_stride`` 8 / 16 dilates the last stages so the
+    explained map is 4x / 2x finer per side (null: the model's own, usually 32)."""
     import timm
 
     if arch not in timm.list_models() and arch.split(".")[0] not in timm.list_models():
         raise ConfigError(f"arch={arch!r} is not a timm model; list them with `python -c \"import timm; "
                           "print(timm.list_models('resnet*'))\"`")
+    stride = _output_stride(arch, output_stride)
     try:
         with download_timeout():
-            model = timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **options)
-    except TypeError as err:
+            model = timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **stride, **options)
+    except (TypeError, AssertionError) as err:
+        if stride and (isinstance(err, AssertionError) or "output_stride" in str(err)):
+            raise _no_output_stride(arch, output_stride) from None
+        if isinstance(err, AssertionError):
+            raise
         raise ConfigError(f"timm model {arch} does not take these options {sorted(options)}: {err}") from None
     except (OSError, RuntimeError) as err:
         if not pretrained:
@@ -96,6 +126,9 @@ def timm_network(num_classes: int, arch: str = "resnet18", pretrained: bool = Fa
 
 
 # --------------------------------------------------------------------------- torchvision
+# torchvision archs that take replace_stride_with_dilation (their Bottleneck blocks dilate; the
+# BasicBlock of resnet18 / resnet34 does not).
+DILATED_TORCHVISION = ("resnet50", "resnet101", "resnet152", "resnext", "wide_resnet")
 def _replace_classifier(model: nn.Module, num_classes: int) -> None:
     """A new ``num_classes``-way last linear layer (for weights trained on another label set)."""
     name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
@@ -104,11 +137,28 @@ def _replace_classifier(model: nn.Module, num_classes: int) -> None:
 
 
 def torchvision_network(num_classes: int, arch: str = "resnet18", weights: str | None = None,
-                        layer: str | None = None, **options) -> nn.Module:
+                        layer: str | None = None, replace_stride_with_dilation: list[bool] | None = None,
+                        **options) -> nn.Module:
     """``torchvision.models.get_model(arch, weights=...)`` split at ``layer`` (default: the input of
     the global pool). ``weights`` takes torchvision's enum names (``IMAGENET1K_V1``, ``DEFAULT``);
-    with a class count other than the weights', the last linear layer is new."""
+    with a class count other than the weights', the last linear layer is new.
+    ``replace_stride_with_dilation`` (bottleneck ResNets only: resnet50 and up, ResNeXts, Wide
+    ResNets), e.g. ``[false, true, true]``: layer3 and layer4 dilate instead of striding, so the
+    explained map is 4x finer per side (null: the model's own)."""
     from torchvision import models
+
+    if replace_stride_with_dilation is not None:
+        if not arch.startswith(DILATED_TORCHVISION) or arch in ("resnet18", "resnet34"):
+            families = ", ".join(DILATED_TORCHVISION)
+            raise ConfigError(
+                f"replace_stride_with_dilation is an option of torchvision's bottleneck ResNets ({families}; "
+                f"resnet18 / resnet34 refuse dilation), not of {arch}: use one of them, or timm's "
+                f"(e.g. timm arch={arch if arch.startswith('resnet') else 'resnet18'} output_stride=8), or a larger "
+                "data.image_size")
+        if len(replace_stride_with_dilation) != 3:
+            raise ConfigError(f"replace_stride_with_dilation={list(replace_stride_with_dilation)}: give three "
+                              "booleans, for layer2, layer3 and layer4 (e.g. [false,true,true])")
+        options["replace_stride_with_dilation"] = [bool(v) for v in replace_stride_with_dilation]
 
     if arch not in models.list_models(module=models):
         raise ConfigError(f"arch={arch!r} is not a torchvision classifier; choose one of "
