@@ -34,17 +34,21 @@ log = logging.getLogger("distill")
 KEYS = ("checkpoint_every_n_steps", "checkpoint_every_minutes")  # trainer.* keys read here, not by the Trainer
 
 
+def safe_to_save_mid_epoch(trainer: pl.Trainer) -> bool:
+    """At a training batch end: neither the epoch's last batch (the end-of-epoch ``last.ckpt`` is
+    written right after) nor inside a gradient-accumulation window (the accumulated gradients are
+    not in a checkpoint)."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    return not (epoch_loop.batch_progress.is_last_batch or epoch_loop._should_accumulate())
+
+
 class MidEpochCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that never saves on an epoch's last batch (the end-of-epoch
-    ``last.ckpt`` is written right after) nor inside a gradient-accumulation window (the
-    accumulated gradients are not in a checkpoint): a time-based save then waits for the next
-    optimizer step."""
+    """``ModelCheckpoint`` that saves only where :func:`safe_to_save_mid_epoch`: a time-based save
+    otherwise waits for the next optimizer step."""
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args, **kwargs) -> None:
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if epoch_loop.batch_progress.is_last_batch or epoch_loop._should_accumulate():
-            return
-        super().on_train_batch_end(trainer, *args, **kwargs)
+        if safe_to_save_mid_epoch(trainer):
+            super().on_train_batch_end(trainer, *args, **kwargs)
 
 
 def mid_epoch_checkpoints(run_dir: Path, every_n_steps: int | None,
@@ -147,4 +151,4 @@ class MidEpochState(pl.Callback):
 
 
 __all__ = ["KEYS", "MidEpochCheckpoint", "MidEpochState", "metric_states", "mid_epoch_checkpoints", "rng_states",
-           "set_metric_states", "set_rng_states"]
+           "safe_to_save_mid_epoch", "set_metric_states", "set_rng_states"]
