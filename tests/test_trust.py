@@ -152,7 +152,7 @@ def test_checkpoint_path_that_is_a_directory_unreadable_or_truncated(tmp_path, m
         read_checkpoint(garbage, "teacher checkpoint")
     assert "refused" not in str(info.value)
     # root reads any file whatever its mode, so the permission check is simulated
-    monkeypatch.setattr("distill.checkpoints.os.access", lambda path, mode: False)
+    monkeypatch.setattr("distill.files.os.access", lambda path, mode: False)
     with pytest.raises(CheckpointError, match="cannot be read \\(permission denied\\)"):
         read_checkpoint(whole, "teacher checkpoint")
 
