@@ -69,9 +69,11 @@ def _on_signal(signum: int, frame: Any) -> None:
 
 
 def resume_line(signum: int, run_dir: str | Path) -> str:
-    """One line: which signal stopped the run, and the command that continues it."""
-    return (f"interrupted by {signal.Signals(signum).name}: the run stopped, its last.ckpt saved; continue it with: "
-            f"python train.py resume={run_dir}")
+    """One line: which signal stopped the run, what it kept, and the command that continues it."""
+    saved = any(Path(run_dir).glob("**/checkpoints/last.ckpt"))  # the run's, or its teacher's (teacher/)
+    kept = "its last.ckpt saved" if saved else "before its first checkpoint (it will start from the beginning)"
+    return f"interrupted by {signal.Signals(signum).name}: the run stopped, {kept}; continue it with: " \
+           f"python train.py resume={run_dir}"
 
 
 @contextlib.contextmanager

@@ -52,7 +52,8 @@ def test_a_signal_in_training_saves_last_ckpt_at_the_batch_end_says_how_to_resum
         fit(SignalsItself(signum, at=2), last)
     assert info.value.code == status
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith(f"interrupted by {signal.Signals(signum).name}") and line.endswith(f"resume={tmp_path}")
+    assert line == (f"interrupted by {signal.Signals(signum).name}: the run stopped, its last.ckpt saved; continue "
+                    f"it with: python train.py resume={tmp_path}")
     checkpoint = read_checkpoint(last)
     assert checkpoint["global_step"] == 3  # the signalled batch (the 3rd) finished its step, then the run stopped
     assert checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 3
@@ -65,7 +66,9 @@ def test_a_signal_outside_training_stops_at_once(tmp_path, capsys):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # e.g. preparing the data: never reached
     assert info.value.code == 143
-    assert capsys.readouterr().err.strip().endswith(f"resume={tmp_path / 'run'}")
+    assert capsys.readouterr().err.strip() == ("interrupted by SIGTERM: the run stopped, before its first checkpoint "
+                                               "(it will start from the beginning); continue it with: python train.py "
+                                               f"resume={tmp_path / 'run'}")
 
 
 def test_errors_without_a_signal_pass_through(tmp_path):
