@@ -21,6 +21,7 @@ from distill.errors import ConfigError, DistillError
 from distill.explain import inspect_network, map_grid, map_metrics_missing, meaningful_grid
 from distill.explain.resolution import degenerate_grid_fix, grids_line
 from distill.identity import data_identity, network_identity
+from distill.interrupt import StopOnSignal
 from distill.models import build_model, model_options, require_network
 from distill.tasks import build_task
 
@@ -180,11 +181,13 @@ def callbacks(cfg: DictConfig, with_logger: bool) -> dict[str, pl.Callback]:
 
 def trainer(cfg: DictConfig, logger: Logger | None, configured: dict[str, pl.Callback]) -> pl.Trainer:
     """Lightning's ``Trainer`` from ``cfg.trainer`` with the configured callbacks and the ones every
-    run needs: epoch seeding, mid-epoch resume state, the test image count, atomic checkpoint writes."""
+    run needs: epoch seeding, mid-epoch resume state, the test image count, stopping on SIGTERM /
+    SIGINT with a saved ``last.ckpt``, atomic checkpoint writes."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in distill_trainer_keys():  # read by the LightningModule / distill, not the Trainer
         trainer_cfg.pop(key, None)
-    machinery = [EpochSeeding(int(cfg.seed)), mid_epoch.MidEpochState(), console.CountTestImages()]
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    machinery = [EpochSeeding(int(cfg.seed)), mid_epoch.MidEpochState(), console.CountTestImages(), StopOnSignal(last)]
     return instantiate(
         OmegaConf.create(trainer_cfg), "the trainer (trainer=...)",
         logger=logger if logger is not None else False,

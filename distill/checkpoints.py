@@ -9,7 +9,6 @@ are saved as plain dicts). A file that needs more is refused unless the user tru
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import warnings
@@ -22,21 +21,10 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
 
 from distill.errors import CheckpointError, os_cause
-from distill.files import atomic_file
+from distill.files import atomic_file, check_checkpoint_file
 from distill.identity import differences
 
 TRUST_OPTION = "trust_checkpoints=true"
-
-
-def _check_file(path: Path, what: str) -> None:
-    if path.is_dir():
-        raise CheckpointError(f"{what} '{path}' is a directory, not a checkpoint file: point to a .ckpt file")
-    if not path.exists():
-        raise CheckpointError(f"{what} '{path}' does not exist: check the path")
-    if not path.is_file():
-        raise CheckpointError(f"{what} '{path}' is not a regular file: point to a .ckpt file")
-    if not os.access(path, os.R_OK):
-        raise CheckpointError(f"{what} '{path}' cannot be read (permission denied): fix its permissions")
 
 
 def _is_refusal(err: Exception) -> bool:
@@ -62,7 +50,7 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint", trusted: bool = 
     ``trusted=True`` (the user's explicit opt-in) allows full unpickling.
     """
     path = Path(path)
-    _check_file(path, what)
+    check_checkpoint_file(path, what)
     try:
         with warnings.catch_warnings():  # torch warns about legacy / foreign files: the error says it
             warnings.simplefilter("ignore")
@@ -91,6 +79,15 @@ def non_finite_keys(state: dict[str, Any]) -> list[str]:
             if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
 
 
+def os_error_behind(err: BaseException) -> OSError | None:
+    """``err`` if it is an ``OSError``, else the ``OSError`` it was raised while handling: torch's
+    zip writer answers a full disk or a file-size limit with a ``RuntimeError`` ("unexpected pos")
+    raised after the ``OSError`` of the failed write."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to ``<path>.tmp``, fsync, then rename: a kill or a full disk mid-save never leaves a
     torn file, the previous checkpoint stays loadable and no ``*.tmp`` is left behind. Never writes
@@ -112,10 +109,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             with atomic_file(path, "wb") as f:
                 torch.save(checkpoint, f)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:
+            fault = os_error_behind(err)
+            if fault is None:
+                raise
             kept = " (the previous checkpoint there is kept)" if path.is_file() else ""
             raise CheckpointError(f"could not write checkpoint {path.name} in folder {path.parent}: "
-                                  f"{os_cause(err)}{kept}") from None
+                                  f"{os_cause(fault)}{kept}; free disk space or raise the file-size limit") from None
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         return read_checkpoint(path, "resume checkpoint", trusted=self.trusted)
@@ -171,6 +171,11 @@ def load_network(path: str | Path, what: str = "checkpoint", trusted: bool = Fal
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{what} '{path}': cannot rebuild its network ({err})") from None
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    bad = non_finite_keys(state)
+    if bad:
+        raise CheckpointError(f"{what} '{path}' holds non-finite weights (NaN or inf in {', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}): its training diverged; use a checkpoint of an "
+                              "earlier epoch or train again with a lower learning rate")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import annotated_types
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import GrammarParseError, InterpolationResolutionError, MissingMandatoryValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distill.errors import ConfigError, exit_on_user_error, os_cause
@@ -581,6 +582,36 @@ def _missing(value: Any, key: str) -> list[str]:
     return []
 
 
+def _unresolvable(node: DictConfig | ListConfig, prefix: str = "") -> str | None:
+    """The first value under ``node`` whose ``${...}`` cannot be resolved, as one line naming the key,
+    the interpolation and why (a key it names does not exist, an unset environment variable, ...).
+    ``${hydra:...}`` before Hydra has set its run up is not a mistake and is skipped."""
+    keys = range(len(node)) if isinstance(node, ListConfig) else list(node.keys())
+    for key in keys:
+        if not prefix and key == "hydra":
+            continue
+        name = f"{prefix}.{key}" if prefix else str(key)
+        child = node._get_node(key)
+        if isinstance(child, (DictConfig, ListConfig)) and not child._is_interpolation():
+            problem = _unresolvable(child, name)
+            if problem:
+                return problem
+            continue
+        try:
+            node[key]
+        except MissingMandatoryValue:  # ??? (reported by the caller, or by the schema inside a list)
+            continue
+        except (InterpolationResolutionError, GrammarParseError) as err:
+            why = str(err).strip().splitlines()[0].removeprefix("KeyError raised while resolving interpolation: ")
+            if "hydra" in why.lower():  # HydraConfig not set yet, or no `hydra` resolver outside a Hydra run
+                continue
+            raw = child._value()
+            fix = ("set the environment variable, give a default (${oc.env:NAME,default}) or the value itself"
+                   if "oc.env" in str(raw) else "correct the key it names, or give the value itself")
+            return f"config key {name}={raw!r} cannot be resolved ({why.strip(chr(34))}): {fix}"
+    return None
+
+
 def config_errors(cfg: DictConfig, name: str = "train") -> str | None:
     """The first mistake in ``cfg`` (a composed config of ``name``: train / evaluate / visualize)
     as one line, or ``None``."""
@@ -589,6 +620,9 @@ def config_errors(cfg: DictConfig, name: str = "train") -> str | None:
     if missing:
         key = missing[0]
         return f"config key {key} is required but not set (it is ???): add {key}=... on the command line"
+    unresolvable = _unresolvable(cfg)
+    if unresolvable:
+        return unresolvable
     raw = {k: _resolved(cfg, k, v) for k, v in unresolved.items()}
     if raw.get("logger") == {}:  # logger=none: an empty group
         raw["logger"] = None

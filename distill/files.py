@@ -7,6 +7,7 @@ caller words its own message). Parent folders are created.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from distill.errors import remove_quietly
+from distill.errors import CheckpointError, remove_quietly
 
 
 @contextmanager
@@ -53,3 +54,26 @@ def copy_file(source: str | Path, target: str | Path) -> Path:
     with open(source, "rb") as src, atomic_file(target, "wb") as dst:
         shutil.copyfileobj(src, dst)
     return Path(target)
+
+
+def check_checkpoint_file(path: str | Path, what: str = "checkpoint") -> None:
+    """Raise ``CheckpointError`` (one line) unless ``path`` is a readable regular file: a directory,
+    a missing file, a symlink loop or a link to nothing, or an unreadable file each say so."""
+    path = Path(path)
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise CheckpointError(f"{what} '{path}' is a symlink loop (its links lead back to themselves): point to "
+                                  "the .ckpt file itself, or fix the link") from None
+        if path.is_symlink():
+            raise CheckpointError(f"{what} '{path}' is a symbolic link to '{os.readlink(path)}', which does not "
+                                  "exist: fix the link or point to the .ckpt file") from None
+    if path.is_dir():
+        raise CheckpointError(f"{what} '{path}' is a directory, not a checkpoint file: point to a .ckpt file")
+    if not path.exists():
+        raise CheckpointError(f"{what} '{path}' does not exist: check the path")
+    if not path.is_file():
+        raise CheckpointError(f"{what} '{path}' is not a regular file: point to a .ckpt file")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{what} '{path}' cannot be read (permission denied): fix its permissions")

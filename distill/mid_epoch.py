@@ -51,16 +51,20 @@ def load_pending_loader_states(trainer: pl.Trainer) -> None:
         iter(fit_loop._data_fetcher)  # remade from the loaded position (it prefetches again)
 
 
+def safe_to_save_mid_epoch(trainer: pl.Trainer) -> bool:
+    """At a training batch end: neither the epoch's last batch (the end-of-epoch ``last.ckpt`` is
+    written right after) nor inside a gradient-accumulation window (the accumulated gradients are
+    not in a checkpoint)."""
+    return not (trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or inside_accumulation(trainer))
+
+
 class MidEpochCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that never saves on an epoch's last batch (the end-of-epoch
-    ``last.ckpt`` is written right after) nor inside a gradient-accumulation window (the
-    accumulated gradients are not in a checkpoint): a time-based save then waits for the next
-    optimizer step."""
+    """``ModelCheckpoint`` that saves only where :func:`safe_to_save_mid_epoch`: a time-based save
+    otherwise waits for the next optimizer step."""
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args, **kwargs) -> None:
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or inside_accumulation(trainer):
-            return
-        super().on_train_batch_end(trainer, *args, **kwargs)
+        if safe_to_save_mid_epoch(trainer):
+            super().on_train_batch_end(trainer, *args, **kwargs)
 
 
 def mid_epoch_checkpoints(run_dir: Path, every_n_steps: int | None,
@@ -159,4 +163,4 @@ class MidEpochState(pl.Callback):
 
 
 __all__ = ["KEYS", "MidEpochCheckpoint", "MidEpochState", "metric_states", "mid_epoch_checkpoints", "rng_states",
-           "set_metric_states", "set_rng_states"]
+           "safe_to_save_mid_epoch", "set_metric_states", "set_rng_states"]

@@ -14,10 +14,14 @@ import json
 import logging
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from distill.checkpoints import read_checkpoint
+from distill.config_schema import config_errors
 from distill.errors import CheckpointError, ConfigError
+from distill.identity import differences, network_identity
 
 log = logging.getLogger("distill")
 
@@ -68,17 +72,34 @@ def apply_overrides(saved: DictConfig, fresh: DictConfig, overrides: list[str], 
             )
 
 
-def last_checkpoint(run_dir: Path, trusted: bool, fallback: bool, what: str = "last.ckpt") -> str | None:
+def check_network(checkpoint: dict, path: Path, what: str, stage: str, node: dict) -> None:
+    """Refuse (one line) a checkpoint whose recorded stage or network is not the run's ``stage`` and
+    config node ``node`` (``teacher`` / ``student``): Lightning would fail deep in loading it."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    saved = {"stage": hparams.get("stage"), "network": {"name": hparams.get("model_name"),
+                                                        **((hparams.get("identity") or {}).get("network") or {})}}
+    configured = {"stage": stage, "network": network_identity(node)}
+    differ = differences({k: v for k, v in saved.items() if v is not None}, configured)
+    if differ:
+        raise CheckpointError(f"{what} '{path}' is not this run's: it holds another model ({'; '.join(differ)}); "
+                              "put the run's own last.ckpt back")
+
+
+def last_checkpoint(run_dir: Path, trusted: bool, fallback: bool, what: str = "last.ckpt",
+                    expected: tuple[str, dict] | None = None) -> str | None:
     """``run_dir/checkpoints/last.ckpt`` if it exists and loads; ``None`` if it does not exist.
 
-    A truncated or corrupt one stops the run with one line, unless ``fallback``: then the run
+    A truncated or corrupt one, or (given ``expected``: the run's stage and network node) one of
+    another stage or network, stops the run with one line, unless ``fallback``: then the run
     starts over from epoch 0.
     """
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.exists():
         return None
     try:
-        read_checkpoint(last, f"the {what} to resume from", trusted)
+        checkpoint = read_checkpoint(last, f"the {what} to resume from", trusted)
+        if expected is not None:
+            check_network(checkpoint, last, f"the {what} to resume from", *expected)
     except CheckpointError as err:
         if not fallback:
             raise CheckpointError(f"{err}. To start this run over from epoch 0 instead, add resume_fallback=true") \
@@ -98,17 +119,31 @@ def finished_result(run_dir: Path) -> dict | None:
         return None
 
 
-def resume_config(cfg: DictConfig, overrides: list[str] = ()) -> tuple[DictConfig, dict | None]:
-    """The resumed run's config (its saved config, output dir and last checkpoint, with the safe
-    ``overrides`` applied), and, for a finished run that is not extended, its saved result."""
-    run_dir = Path(cfg.resume)
-    saved_path = run_dir / ".hydra" / "config.yaml"
-    if not saved_path.is_file():
+def saved_config(run_dir: Path) -> DictConfig:
+    """The run's ``.hydra/config.yaml``; one line naming it when it is missing, or torn (half
+    written) or edited so that it is no longer a whole ``train.py`` config."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
         raise ConfigError(
             f"resume={run_dir}: no .hydra/config.yaml there. Pass the output directory of the run "
             "to resume, e.g. resume=logs/train/runs/2026-01-01_12-00-00"
         )
-    resumed = OmegaConf.load(saved_path)
+    try:
+        saved = OmegaConf.load(path)
+        problem = config_errors(saved, "train") if isinstance(saved, DictConfig) else "it holds no mapping"
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as err:
+        problem = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
+    if problem:
+        raise ConfigError(f"resume={run_dir}: the run's saved config {path} cannot be used ({problem}); it is torn "
+                          "(half written) or was edited: restore it from a copy, or start a new run")
+    return saved
+
+
+def resume_config(cfg: DictConfig, overrides: list[str] = ()) -> tuple[DictConfig, dict | None]:
+    """The resumed run's config (its saved config, output dir and last checkpoint, with the safe
+    ``overrides`` applied), and, for a finished run that is not extended, its saved result."""
+    run_dir = Path(cfg.resume)
+    resumed = saved_config(run_dir)
     epochs = int(resumed.trainer.max_epochs)
     with open_dict(resumed):
         apply_overrides(resumed, cfg, list(overrides), run_dir)
@@ -120,8 +155,10 @@ def resume_config(cfg: DictConfig, overrides: list[str] = ()) -> tuple[DictConfi
                     "changed. To train more epochs, add trainer.max_epochs=N with N > %d.", run_dir, epochs, epochs)
         return resumed, finished
     trusted, fallback = bool(resumed.get("trust_checkpoints", False)), bool(resumed.get("resume_fallback", False))
+    role = "teacher" if resumed.stage == "teacher" else "student"
     with open_dict(resumed):
-        resumed.ckpt_path = last_checkpoint(run_dir, trusted, fallback)
+        resumed.ckpt_path = last_checkpoint(run_dir, trusted, fallback, expected=(
+            resumed.stage, OmegaConf.to_container(resumed[role], resolve=True)))
     if finished is not None:
         log.info("Extending the finished run %s from %d to %d epochs", run_dir, epochs, resumed.trainer.max_epochs)
     log.info("Resuming %s from %s", run_dir, resumed.ckpt_path or "the start (no checkpoint yet)")

@@ -21,6 +21,7 @@ from distill.config_schema import check_config, check_model_options
 from distill.ddp import ddp_job
 from distill.errors import ConfigError, exit_on_user_error
 from distill.files import write_json
+from distill.interrupt import stop_on_signals
 from distill.loggers import build_logger, finish_logger, remember_wandb_run
 from distill.metrics import chance_flags
 from distill.module import ClassifierModule, DistillModule, ExplainSettings, LossWeights
@@ -184,8 +185,9 @@ def run(cfg: DictConfig) -> dict:
 
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point: returns ``optimized_metric`` (e.g. a sweeper's objective); a mistake is
-    one line on stderr and exit status 2."""
-    with exit_on_user_error(), ddp_job():
+    one line on stderr and exit status 2; SIGTERM / SIGINT save ``last.ckpt``, say how to resume
+    and exit 143 / 130 (``distill.interrupt``)."""
+    with exit_on_user_error(), ddp_job(), stop_on_signals(cfg.get("resume") or cfg.paths.output_dir):
         result = run(cfg)
     metric = cfg.get("optimized_metric")
     if metric and metric not in result["metrics"]:

@@ -128,7 +128,8 @@ def teacher_run_config(cfg: DictConfig) -> DictConfig:
             teacher_cfg.logger.save_dir = str(OmegaConf.select(cfg, "logger.save_dir"))
         teacher_cfg.paths.output_dir = str(run_dir)
         teacher_cfg.ckpt_path = last_checkpoint(run_dir, bool(cfg.get("trust_checkpoints", False)),
-                                                bool(cfg.get("resume_fallback", False)), "teacher's last.ckpt")
+                                                bool(cfg.get("resume_fallback", False)), "teacher's last.ckpt",
+                                                ("teacher", OmegaConf.to_container(cfg.teacher, resolve=True)))
         teacher_cfg.trainer.enable_model_summary = False  # one model summary per run: the student's
     if teacher_cfg.ckpt_path:
         log.info("Resuming the teacher from its own last checkpoint %s", teacher_cfg.ckpt_path)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -43,21 +44,30 @@ def student_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 
 
-def kill_when(args: list[str], run_dir: Path, tmp_path: Path, ready, poll_s: float, then_s: float = 0.0) -> Path:
-    """Start ``train.py args`` in ``run_dir``, SIGKILL it once ``ready(last.ckpt path)`` holds (plus
-    ``then_s`` seconds), and check it had not finished; returns the path of its ``last.ckpt``."""
+class Killed(NamedTuple):
+    last: Path  # the run's checkpoints/last.ckpt
+    returncode: int
+    stderr: str
+
+
+def kill_when(args: list[str], run_dir: Path, tmp_path: Path, ready, poll_s: float, then_s: float = 0.0,
+              sig: signal.Signals = signal.SIGKILL, watched: str = "checkpoints/last.ckpt") -> Killed:
+    """Start ``train.py args`` in ``run_dir``, send it ``sig`` once ``ready(run_dir / watched)`` holds
+    (plus ``then_s`` seconds), and check it had not finished."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     cmd = [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}", f"paths.log_dir={tmp_path}/logs"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not ready(last) and proc.poll() is None and time.time() < deadline:
-        time.sleep(poll_s)
-    time.sleep(then_s)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with open(tmp_path / f"{run_dir.name}.stderr", "w+") as stderr:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.time() + 240
+        while not ready(run_dir / watched) and proc.poll() is None and time.time() < deadline:
+            time.sleep(poll_s)
+        time.sleep(then_s)
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+        stderr.seek(0)
+        text = stderr.read()
     assert not (run_dir / "metrics.json").exists(), "the run finished before it could be killed"
-    return last
+    return Killed(run_dir / "checkpoints" / "last.ckpt", proc.returncode, text)
 
 
 # ------------------------------------------------------------------------------------ resume
@@ -107,7 +117,7 @@ def test_run_killed_mid_epoch_resumes_from_the_mid_epoch_checkpoint_to_the_same_
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_train([*args, f"hydra.run.dir={straight}"], tmp_path).returncode == 0
 
-    last = kill_when(args, killed, tmp_path, lambda last: saved_step(last) == 10, poll_s=0.02)
+    last = kill_when(args, killed, tmp_path, lambda last: saved_step(last) == 10, poll_s=0.02).last
     checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 10 and checkpoint["epoch"] == 1  # killed mid-epoch, after the mid-epoch save
     progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
@@ -121,6 +131,44 @@ def test_run_killed_mid_epoch_resumes_from_the_mid_epoch_checkpoint_to_the_same_
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
     assert final_metrics(killed) == pytest.approx(final_metrics(straight), abs=1e-6)
+
+
+SIGNALLED_ARGS = ["experiment=smoke", "logger=none", "explain=gradcampp", "data.num_train=512",
+                  "trainer.limit_train_batches=null", "trainer.max_epochs=2"]  # the teacher trained first, 16 batches
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("straight")
+    assert run_train([*SIGNALLED_ARGS, f"hydra.run.dir={tmp / 'run'}"], tmp).returncode == 0
+    return tmp / "run"
+
+
+@pytest.mark.parametrize(("sig", "status", "stage_dir"), [
+    (signal.SIGTERM, 143, "teacher/"),  # in the teacher stage of a distill run
+    (signal.SIGINT, 130, ""),  # in the distill stage
+], ids=["TERM_in_teacher_stage", "INT_in_distill_stage"])
+def test_run_stopped_by_a_signal_says_how_to_resume_exits_128_plus_it_and_resumes_to_the_same_weights(
+        sig, status, stage_dir, straight_run, tmp_path):
+    stopped = tmp_path / "stopped"
+    # 0.2 s after the stage's first end-of-epoch last.ckpt: inside its 2nd epoch
+    result = kill_when(SIGNALLED_ARGS, stopped, tmp_path, lambda last: last.exists(), poll_s=0.02, then_s=0.2,
+                       sig=sig, watched=f"{stage_dir}checkpoints/last.ckpt")
+    assert result.returncode == status, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if "resume=" in line]
+    assert line == (f"interrupted by {sig.name}: the run stopped, its last.ckpt saved; continue it with: "
+                    f"python train.py resume={stopped}")
+
+    resumed = run_train([f"resume={stopped}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for weights in ("teacher/checkpoints/last.ckpt", "checkpoints/last.ckpt"):
+        a = torch.load(straight_run / weights, map_location="cpu", weights_only=True)["state_dict"]
+        b = torch.load(stopped / weights, map_location="cpu", weights_only=True)["state_dict"]
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=f"{weights}: {key}")
+    assert final_metrics(stopped) == pytest.approx(final_metrics(straight_run), abs=1e-6)
 
 
 def test_resume_needs_a_run_directory(tmp_path):

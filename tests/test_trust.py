@@ -152,9 +152,52 @@ def test_checkpoint_path_that_is_a_directory_unreadable_or_truncated(tmp_path, m
         read_checkpoint(garbage, "teacher checkpoint")
     assert "refused" not in str(info.value)
     # root reads any file whatever its mode, so the permission check is simulated
-    monkeypatch.setattr("distill.checkpoints.os.access", lambda path, mode: False)
+    monkeypatch.setattr("distill.files.os.access", lambda path, mode: False)
     with pytest.raises(CheckpointError, match="cannot be read \\(permission denied\\)"):
         read_checkpoint(whole, "teacher checkpoint")
+
+
+def test_symlink_loop_and_dangling_link_are_named_as_such(tmp_path):
+    from distill.evaluation.runner import check_paths
+
+    loop, other = tmp_path / "t.ckpt", tmp_path / "u.ckpt"
+    loop.symlink_to(other)
+    other.symlink_to(loop)
+    with pytest.raises(CheckpointError, match=f"teacher checkpoint '{loop}' is a symlink loop"):
+        read_checkpoint(loop, "teacher checkpoint")
+    with pytest.raises(CheckpointError, match="is a symlink loop"):
+        check_paths(OmegaConf.create({"checkpoint": str(loop)}))  # scripts/evaluate.py's early check
+    dangling = tmp_path / "d.ckpt"
+    dangling.symlink_to(tmp_path / "gone.ckpt")
+    with pytest.raises(CheckpointError, match=f"is a symbolic link to '{tmp_path / 'gone.ckpt'}', which does not"):
+        read_checkpoint(dangling, "teacher checkpoint")
+
+
+def test_checkpoint_with_non_finite_weights_is_refused_naming_the_tensor(tmp_path):
+    from distill.checkpoints import load_network
+
+    path = real_checkpoint(tmp_path / "nan.ckpt")
+    checkpoint = torch.load(path, weights_only=True)
+    key = next(k for k, v in checkpoint["state_dict"].items() if v.is_floating_point())
+    checkpoint["state_dict"][key][0] = float("nan")
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match=rf"'{path}' holds non-finite weights \(NaN or inf in "
+                                              rf"{key.removeprefix('model.')}\)") as info:
+        load_network(path)  # every consumer (teacher, evaluate.py, visualize.py) loads through it
+    assert "\n" not in str(info.value)
+
+
+def test_image_over_pils_decompression_bomb_limit_is_one_line_naming_it(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    from distill.data.image_folder import load_rgb
+
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels > 2x the limit: PIL refuses it
+    with pytest.raises(DataError, match=f"image {path} is too large to decode .*: resize it") as info:
+        load_rgb(str(path))
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -197,6 +240,28 @@ def test_disk_full_mid_write_leaves_no_tmp_and_the_previous_checkpoint(tmp_path,
     monkeypatch.setattr(torch, "save", real_save)
     message = str(info.value)
     assert "\n" not in message and str(path.parent) in message and "ENOSPC" in message
+    assert list(path.parent.iterdir()) == [path]  # no last.ckpt.tmp
+    assert torch.equal(read_checkpoint(path)["state_dict"]["w"], torch.ones(3))
+
+
+def test_file_size_limit_mid_write_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    # a real limit: torch's zip writer answers the OSError (EFBIG) with a RuntimeError ("unexpected pos")
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    script = (
+        "import resource, signal, sys, torch\n"
+        "from distill.checkpoints import AtomicCheckpointIO\n"
+        "from distill.errors import exit_on_user_error\n"
+        "io = AtomicCheckpointIO()\n"
+        "io.save_checkpoint({'state_dict': {'w': torch.ones(3)}}, sys.argv[1])\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write over the limit fails with EFBIG\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
+        "with exit_on_user_error():\n"
+        "    io.save_checkpoint({'state_dict': {'w': torch.zeros(1_000_000)}}, sys.argv[1])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(path)], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert_one_line_exit_2(proc, f"could not write checkpoint last.ckpt in folder {path.parent}", "EFBIG",
+                           "the previous checkpoint there is kept")
     assert list(path.parent.iterdir()) == [path]  # no last.ckpt.tmp
     assert torch.equal(read_checkpoint(path)["state_dict"]["w"], torch.ones(3))
 
@@ -414,6 +479,20 @@ def test_a_renamed_key_names_its_new_place(override, line, tmp_path):
         check_config(cfg)
 
 
+@pytest.mark.parametrize(("override", "line"), [
+    ("teacher.checkpoint=${paths.nope}/t.ckpt", "config key teacher.checkpoint='${paths.nope}/t.ckpt' cannot be "
+                                                "resolved (Interpolation key 'paths.nope' not found)"),
+    ("data.root=${oc.env:DISTILL_TEST_UNSET}", "config key data.root='${oc.env:DISTILL_TEST_UNSET}' cannot be "
+                                               "resolved (Environment variable 'DISTILL_TEST_UNSET' not found): set"),
+])
+def test_an_unresolvable_interpolation_names_the_key_and_the_interpolation(override, line, tmp_path, monkeypatch):
+    monkeypatch.delenv("DISTILL_TEST_UNSET", raising=False)
+    extra = ["data=image_folder"] if override.startswith("data.") else []
+    with pytest.raises(ConfigError) as info:
+        check_config(compose_config(tmp_path, ["experiment=smoke", *extra, override]))
+    assert str(info.value).startswith(line) and "\n" not in str(info.value)
+
+
 def test_a_renamed_key_on_the_command_line_is_caught_before_hydra():
     from distill.config_schema import renamed_override_problem
 
@@ -476,6 +555,42 @@ def resume(tmp_path: Path, run_dir: Path, *overrides: str):
     from distill.run import run
 
     return run(compose_config(run_dir, [f"resume={run_dir}", *overrides]))  # same paths.* as the run
+
+
+def killed_run(tmp_path: Path) -> Path:
+    """What a smoke distill run killed in its first epoch leaves: .hydra/config.yaml, no metrics.json."""
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(compose_config(run_dir, ["experiment=smoke", "logger=none"]), run_dir / ".hydra" / "config.yaml")
+    return run_dir
+
+
+@pytest.mark.parametrize("kept", [0.5, 0.3, 0.77])
+def test_resume_of_a_run_whose_saved_config_is_torn_names_the_file(kept, tmp_path):
+    from distill.resume import resume_config
+
+    run_dir = killed_run(tmp_path)
+    saved = run_dir / ".hydra" / "config.yaml"
+    text = saved.read_text()
+    saved.write_text(text[: int(len(text) * kept)])  # half written: torn YAML, or valid YAML missing keys
+    with pytest.raises(ConfigError, match=f"resume={run_dir}: the run's saved config {saved} cannot be used .*torn"):
+        resume_config(compose_config(tmp_path / "new", [f"resume={run_dir}"]))
+
+
+def test_resume_from_a_last_ckpt_of_another_network_is_refused_before_lightning_loads_it(tmp_path):
+    from distill.resume import resume_config
+
+    run_dir = killed_run(tmp_path)  # distills a wrn16_1 student
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    real_checkpoint(last, "wrn16_2")
+    with pytest.raises(CheckpointError, match=f"'{last}' is not this run's: it holds another model .*name: 'wrn16_2' "
+                                              r"\(checkpoint\) vs 'wrn16_1' \(config\)") as info:
+        resume_config(compose_config(tmp_path / "new", [f"resume={run_dir}"]))
+    assert "\n" not in str(info.value)
+    real_checkpoint(last, "wrn16_1")  # the run's own network, but a baseline's checkpoint
+    with pytest.raises(CheckpointError, match="stage: 'baseline' \\(checkpoint\\) vs 'distill' \\(config\\)"):
+        resume_config(compose_config(tmp_path / "new", [f"resume={run_dir}"]))
 
 
 @pytest.mark.slow

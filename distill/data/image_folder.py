@@ -33,13 +33,16 @@ from distill.errors import ConfigError, DataError
 
 
 def load_rgb(path: str) -> Image.Image:
-    """PIL loader that turns an unreadable file into a DataError naming it."""
+    """PIL loader that turns an unreadable or oversized file into a DataError naming it."""
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
             return img.convert("RGB")
     except OSError as e:  # includes PIL.UnidentifiedImageError
         raise DataError(f"cannot read image {path} ({e}); remove or replace the file") from None
+    except Image.DecompressionBombError as e:  # PIL refuses images over 2 * Image.MAX_IMAGE_PIXELS pixels
+        raise DataError(f"image {path} is too large to decode ({e}): resize it (the networks see data.image_size "
+                        "pixels a side) or remove it") from None
 
 
 def _class_dirs(split_dir: Path) -> list[str]:

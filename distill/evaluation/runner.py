@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from distill.errors import CheckpointError, ConfigError
+from distill.files import check_checkpoint_file
 
 if TYPE_CHECKING:
     import torch
@@ -139,11 +140,8 @@ def check_paths(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
         raise ConfigError("no checkpoint given: add checkpoint=PATH (a .ckpt written by train.py)")
     for key, what in (("checkpoint", "checkpoint"), ("teacher_checkpoint", "teacher checkpoint")):
-        path = cfg.get(key)
-        if path and Path(path).is_dir():
-            raise CheckpointError(f"{what} '{path}' is a directory, not a checkpoint file: point to a .ckpt file")
-        if path and not Path(path).is_file():
-            raise CheckpointError(f"{what} '{path}' does not exist: check the path")
+        if cfg.get(key):
+            check_checkpoint_file(cfg.get(key), what)
 
 
 def open_session(cfg: DictConfig) -> Session:
