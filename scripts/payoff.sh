@@ -6,6 +6,7 @@
 #   DEVICE=gpu bash scripts/payoff.sh ROOT OUT                   # one GPU: both tables side by side, minutes
 #   DRY=1 bash scripts/payoff.sh ROOT OUT                        # every command once, tiny (tests/test_payoff.py)
 #
+# On a GPU every row runs at once (the GPU is far from full with one small run).
 # 1. One WRN-40-2 teacher on the full, clean training set (its time is printed), shared by every row and
 #    seed of both tables (teacher.checkpoint=OUT/teacher.ckpt).
 # 2. Few-shot: WRN-16-2 students distil on 50 images per class (data.per_class=50, the same 500 images for
@@ -51,12 +52,16 @@ fi
 
 table() {  # table NAME EXPERIMENT OPTIONS...: every row, every seed, into OUT/NAME; then its summary
   local name=$1 experiment=$2; shift 2
+  local pids=()
   for row in "${ROWS[@]}"; do
     # shellcheck disable=SC2086  # a row is several overrides
     python train.py -m "experiment=$experiment" "${COMMON[@]}" "$@" student=wrn16_2 $row "seed=$SEEDS" \
         "task_name=$name" "hydra.sweep.dir=$OUT/$name" "hydra.sweep.subdir=\${kd.name}-\${explain.name}-\${seed}" \
-        > "$OUT/$name-${row// /_}.log" 2>&1 || { echo "failed: $name $row (log: $OUT/$name-${row// /_}.log)"; exit 1; }
+        > "$OUT/$name-${row// /_}.log" 2>&1 &
+    pids+=($!)
+    [[ ${DEVICE:-cpu} == gpu ]] || wait "${pids[-1]}" || { echo "failed: $name $row"; exit 1; }  # a CPU: one at a time
   done
+  for pid in "${pids[@]}"; do wait "$pid" || { echo "failed: a row of $name (logs: $OUT/$name-*.log)"; exit 1; }; done
   python scripts/summarize.py "$OUT/$name" > /dev/null
   echo "== $name: $OUT/$name/summary.md"
   sed -n '/^| variant/,/^$/p' "$OUT/$name/summary.md"
