@@ -167,16 +167,17 @@ def open_session(cfg: DictConfig) -> Session:
 
 
 def _loader(session: Session, split: str, limit_batches: int | None):
-    """``(batches, number of batches)`` of the split: the data's loader, which goes through the
-    images in a fixed class-interleaved order (``BaseDataModule.test_images``), so that with
-    ``limit_batches`` its first batches still cover every class."""
+    """``(batches, number of batches, dataset)`` of the split: the data's loader, which goes
+    through the images in a fixed class-interleaved order (``BaseDataModule.test_images``), so
+    that with ``limit_batches`` its first batches still cover every class; ``dataset[i]`` is the
+    ``i``-th image the batches yield."""
     import itertools
 
     dm = session.datamodule
     loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
     if limit_batches is None or limit_batches >= len(loader):
-        return loader, len(loader)
-    return itertools.islice(loader, limit_batches), limit_batches
+        return loader, len(loader), loader.dataset
+    return itertools.islice(loader, limit_batches), limit_batches, loader.dataset
 
 
 def _dataset(session: Session, split: str):
@@ -293,7 +294,7 @@ def _evaluate_multilabel(cfg: DictConfig, session: Session, limit: int | None, s
     scores = ScoreAccumulator().to(session.device)
     ap = {prefix: task.score_metric().to(session.device) for prefix in ("", "teacher/")[: 1 + (teacher is not None)]}
     non_blocking = session.device.type == "cuda"
-    loader, _ = _loader(session, split, None if limit is None else int(limit))
+    loader, _, _ = _loader(session, split, None if limit is None else int(limit))
     num_images = 0
     for batch in loader:
         batch = [t.to(session.device, non_blocking=non_blocking) for t in batch]
@@ -350,7 +351,7 @@ def evaluate(cfg: DictConfig) -> dict:
     non_blocking = session.device.type == "cuda"
     from tqdm.auto import tqdm
 
-    loader, n_batches = _loader(session, split, None if limit is None else int(limit))
+    loader, n_batches, dataset = _loader(session, split, None if limit is None else int(limit))
     all_labels, correct = [], []  # for the pointing game's grids: the judged images' labels
     for batch in tqdm(loader, total=n_batches, desc=f"evaluate ({split})", unit="batch", dynamic_ncols=True,
                       disable=not cfg.get("progress_bar", True)):
@@ -367,7 +368,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if not metrics["num_images"]:
         raise ConfigError(f"the {split} split has no images to evaluate")
     if game is not None:
-        metrics.update(_pointing_game(session, loader.dataset, torch.cat(all_labels), torch.cat(correct), game,
+        metrics.update(_pointing_game(session, dataset, torch.cat(all_labels), torch.cat(correct), game,
                                       int(cfg.get("seed", 0))))
     metrics["error_pct"] = 100.0 - metrics["accuracy_pct"]
     if "teacher/accuracy_pct" in metrics:
