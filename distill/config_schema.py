@@ -530,7 +530,8 @@ def _message(err: ValidationError, model: type[BaseModel], raw: dict, prefix: st
             owner = _submodel(_field(owner, part)) or owner
         group = ".".join(([prefix] if prefix else []) + parts[:-1]) or "the top level"
         return (f"unknown config key {key}={value!r}: {group} takes only {', '.join(_keys(owner))} "
-                f"(check the spelling; a '+key=' override cannot add keys){more}")
+                f"(check the spelling; '+key=' adds keys only to networks, optimizers, callbacks and your own "
+                f"DataModule){more}")
     if first["type"] == "missing":
         key = ".".join(str(part) for part in ([prefix] if prefix else []) + list(first["loc"]))
         return f"config key {key} is required but not set: add {key}=...{more}"

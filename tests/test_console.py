@@ -155,6 +155,24 @@ def test_train_help_lists_commands_groups_and_cfg_job():
     assert len(text.splitlines()) < 80
 
 
+
+def test_every_plus_key_example_of_help_is_accepted(tmp_path):
+    """``--help`` says where ``+key=value`` works: each of its examples composes and passes the checks."""
+    import re
+
+    from distill.cli_help import help_text
+    from distill.config_schema import check_config, check_model_options
+    from tests.support import compose_config
+
+    examples = [group.split() for group in re.findall(r"\(([^()]*\+[^()]*)\)", help_text())
+                if "..." not in group]
+    assert examples, help_text()
+    for overrides in examples:
+        cfg = compose_config(tmp_path, ["experiment=smoke", *overrides])
+        check_config(cfg, "train")
+        check_model_options(cfg)
+
+
 # ---------------------------------------------------------------------------- presets compose
 def _tiny_folder(root: Path, n_train: int = 12, n_test: int = 4) -> None:
     from PIL import Image
