@@ -17,6 +17,7 @@ keyword arguments (models, optimizers, schedulers, loggers). This module imports
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import types
 import typing
@@ -33,6 +34,7 @@ from distill.errors import ConfigError, exit_on_user_error, os_cause
 EXPLAIN_METHODS = ("cam", "gradcam", "gradcampp", "hirescam", "xgradcam", "layercam")  # distill.explain.maps.METHODS
 DISTANCES = ("squared_l2", "normalized_squared_l2", "cosine")  # distill.losses.explain.DISTANCES
 STAGES = ("teacher", "baseline", "distill")  # distill.run.STAGES
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TASKS = ("multiclass", "multilabel", "multilabel_voc11")  # distill.tasks.TASKS
 
 PosInt = Annotated[int, Field(ge=1)]
@@ -207,10 +209,30 @@ def renamed_key_problem(key: str, value: Any = None) -> str | None:
 
 
 def check_overrides(overrides: list[str]) -> None:
-    """Raise ``ConfigError`` (one line) for a command-line override of a key that moved."""
-    problem = renamed_override_problem(overrides)
+    """Raise ``ConfigError`` (one line) for a command-line override of a key that moved, or of a
+    config group option that does not exist."""
+    problem = renamed_override_problem(overrides) or unknown_option_problem(overrides)
     if problem:
         raise ConfigError(problem)
+
+
+def unknown_option_problem(overrides: list[str], config_dir: Path = CONFIG_DIR) -> str | None:
+    """One line naming the first ``group=option`` (or ``-m group=a,b`` sweep) whose option has no
+    ``configs/<group>/<option>.yaml``, with the options there; else ``None``. Hydra's own answer is a
+    multi-line message and exit status 1."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        group = key.lstrip("+~")
+        folder = config_dir / group
+        if not sep or not re.fullmatch(r"\w+", group) or not folder.is_dir() \
+                or not re.fullmatch(r"[\w.-]+(,[\w.-]+)*", value):  # choice(...), globs: left to Hydra
+            continue
+        options = sorted(p.stem for p in folder.glob("*.yaml"))
+        unknown = [option for option in value.split(",") if option != "null" and option not in options]
+        if unknown:
+            return (f"{group}={unknown[0]} is not an option of the config group {group}: choose one of "
+                    f"{', '.join(options)} (configs/{group}/*.yaml)")
+    return None
 
 
 def renamed_override_problem(overrides: list[str]) -> str | None:

@@ -424,6 +424,16 @@ def test_a_renamed_key_on_the_command_line_is_caught_before_hydra():
     assert renamed_override_problem(["kd.kd_weight=0.5,1"]).endswith("use loss.kd=0.5,1")  # a sweep
 
 
+def test_an_unknown_group_option_on_the_command_line_lists_the_options():
+    from distill.config_schema import unknown_option_problem
+
+    assert unknown_option_problem(["teacher=wrn40_2", "experiment=null", "teacher.checkpoint=x", "seed=1"]) is None
+    assert unknown_option_problem(["teacher=wrn99"]) == (
+        "teacher=wrn99 is not an option of the config group teacher: choose one of timm, torchvision, vgg16, "
+        "wrn16_2, wrn40_2 (configs/teacher/*.yaml)")
+    assert unknown_option_problem(["-m", "explain=none,gradcamp"]).startswith("explain=gradcamp is not an option")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "needle"),
