@@ -60,8 +60,17 @@ def test_every_readme_command_composes_and_passes_the_schema(tmp_path, command):
 
 
 def test_the_readme_mistake_examples_are_mistakes(tmp_path):
-    from hydra.errors import MissingConfigException
+    from distill.config_schema import unknown_option_problem
 
     assert MISTAKES <= set(readme_commands())
-    with pytest.raises(MissingConfigException, match="Could not find 'teacher/wrn99'"):
-        compose_config(tmp_path, ["teacher=wrn99"])
+    message = unknown_option_problem(["teacher=wrn99"])
+    assert f"`error: {message}`" in (REPO / "README.md").read_text()
+
+
+def test_every_readme_tar_extracts_into_a_folder_it_made():
+    """``tar -C DIR`` fails when DIR does not exist: each README ``tar`` line makes its folder first."""
+    lines = [line for line in (REPO / "README.md").read_text().splitlines() if "tar -x" in line]
+    assert lines
+    for line in lines:
+        folder = re.search(r"-C (\S+)", line).group(1)
+        assert f"mkdir -p {folder} " in line.split("tar -x")[0], line
