@@ -155,7 +155,6 @@ def test_train_help_lists_commands_groups_and_cfg_job():
     assert len(text.splitlines()) < 80
 
 
-
 def test_every_plus_key_example_of_help_is_accepted(tmp_path):
     """``--help`` says where ``+key=value`` works: each of its examples composes and passes the checks."""
     import re
@@ -200,6 +199,25 @@ def test_presets_compose_with_another_data_option(experiment, tmp_path):
 
         preset = OmegaConf.load(REPO / "configs" / "experiment" / "quick.yaml")
         assert OmegaConf.to_container(preset.paths)["checkpoint_dir"] == "${paths.output_dir}/teacher"
+
+
+def test_a_batch_larger_than_the_training_images_stops_before_the_teacher_is_trained(tmp_path, monkeypatch):
+    from distill import build
+    from distill.errors import ConfigError
+    from distill.run import run
+    from tests.support import compose_config
+
+    _tiny_folder(tmp_path / "tree", n_train=5)  # 15 training images, batches of 32
+    cfg = compose_config(tmp_path, ["experiment=smoke", "data=image_folder", f"data.root={tmp_path / 'tree'}",
+                                    "logger=none"])
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a Trainer was built before the batch size was checked")
+
+    monkeypatch.setattr(build, "trainer", no_training)
+    with pytest.raises(ConfigError, match=r"^data.batch_size=32 exceeds the 15 training images"):
+        run(cfg)
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 @pytest.mark.slow
