@@ -137,3 +137,17 @@ def test_a_parallel_sweep_trains_its_teacher_once_and_writes_each_weights_once(t
     copies = distinct_files(sweep)
     assert len(copies) == 3, {k: [str(p.relative_to(sweep)) for p in v] for k, v in copies.items()}
     assert sorted(len(names) for names in copies.values()) == [2, 2, 4]
+
+
+def test_a_given_teacher_checkpoint_is_announced_like_a_reused_one(tmp_path, caplog):
+    from distill.files import write_json
+    from distill.run import prepare_data
+
+    path = tmp_path / "mine.ckpt"
+    cfg = compose_config(tmp_path, ["experiment=smoke", f"teacher.checkpoint={path}"])
+    datamodule = prepare_data(cfg)
+    teacher_checkpoint(cfg, datamodule, path)
+    write_json(path.with_suffix(".json"), {"identity": {"data": {"name": "synthetic"}}, "metrics": {"test/acc": 0.5}})
+    with caplog.at_level("INFO", logger="distill"):
+        resolve_teacher(cfg, datamodule, train=None)
+    assert f"Teacher: {path} (given; trained on synthetic; test/acc 0.5000)" in caplog.text
