@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from distill.errors import CheckpointError, ConfigError
+from distill.labels import model_label
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +39,16 @@ class LoadedModel:
     @property
     def num_classes(self) -> int:
         return int(self.hparams["num_classes"])
+
+    @property
+    def label(self) -> str:
+        """The network's label, as train.py's tables and run names give it (``distill.labels``):
+        from the build spec the checkpoint records, else from its run's config node."""
+        spec = self.hparams.get("model") or self.hparams.get("student")
+        if not (isinstance(spec, dict) and spec.get("name") == self.name):
+            config = self.hparams.get("config") or {}
+            spec = config.get("teacher" if self.hparams.get("stage") == "teacher" else "student")
+        return model_label(spec if isinstance(spec, dict) and spec.get("name") == self.name else {"name": self.name})
 
 
 def load_model(path: str | Path, what: str = "checkpoint", trusted: bool = False) -> LoadedModel:
@@ -189,12 +200,12 @@ def _describe(loaded: LoadedModel | None) -> dict | None:
     if loaded is None:
         return None
     h = loaded.hparams
-    return {"name": loaded.name, "checkpoint": str(loaded.path), "stage": h.get("stage"),
+    return {"name": loaded.name, "label": loaded.label, "checkpoint": str(loaded.path), "stage": h.get("stage"),
             "data": h.get("data_name"), "num_classes": loaded.num_classes}
 
 
 def _run_name(prefix: str, loaded: LoadedModel) -> str:
-    return f"{prefix}-{loaded.name}-{loaded.path.parent.parent.name or loaded.path.stem}-{loaded.path.stem}"
+    return f"{prefix}-{loaded.label}-{loaded.path.parent.parent.name or loaded.path.stem}-{loaded.path.stem}"
 
 
 # --------------------------------------------------------------------------- the two runs
@@ -417,7 +428,7 @@ def visualize(cfg: DictConfig) -> Path:
     if cfg.get("logger"):
         from distill.loggers import log_results
 
-        caption = (f"{session.student.name}: image | "
+        caption = (f"{session.student.label}: image | "
                    + ("Grad-CAM++ of every positive class" if multilabel else
                       "teacher Grad-CAM | teacher Grad-CAM++ | student Grad-CAM++ | student Guided Grad-CAM++"
                       if teacher is not None else "Grad-CAM | Grad-CAM++ | Guided Grad-CAM++"))
