@@ -283,3 +283,28 @@ def test_panel_of_a_network_trained_alone_only_when_asked(tmp_path, single_netwo
     panel = ExplanationPanel("gradcampp", num_images=2, cell_px=32, out_dir=tmp_path, single_network=single_network)
     panel.on_validation_epoch_end(trainer, module)
     assert [p.name for p in tmp_path.glob("*.png")] == (["explanations_epoch000.png"] if single_network else [])
+
+
+def test_one_model_label_in_train_and_evaluate_tables_and_run_names(tmp_path):
+    from pathlib import Path as _Path
+
+    from distill.build import run_name
+    from distill.console import metrics_table
+    from distill.evaluation.report import evaluation_markdown
+    from distill.evaluation.runner import LoadedModel, _describe, _run_name
+    from tests.support import compose_config
+
+    label = "timm-mobilenetv3_small_050"
+    cfg = compose_config(tmp_path, ["experiment=smoke", "stage=baseline", "student=timm",
+                                    "student.arch=mobilenetv3_small_050"])
+    assert label in run_name(cfg, "baseline")
+    trained = {"stage": "baseline", "metrics": {"test/acc": 0.5},
+               "config": {"student": {"name": "timm", "arch": "mobilenetv3_small_050"}}}
+    assert any(f"student {label}" in line for line in metrics_table(trained))
+    loaded = LoadedModel(None, _Path("run/checkpoints/last.ckpt"), {
+        "model_name": "timm", "num_classes": 10, "stage": "baseline",
+        "model": {"name": "timm", "num_classes": 10, "arch": "mobilenetv3_small_050", "drop_rate": 0.0}})
+    assert loaded.label == label and label in _run_name("eval", loaded)
+    report = evaluation_markdown({"checkpoint": "c.ckpt", "model": _describe(loaded), "teacher": None,
+                                  "data": "synthetic", "split": "test", "metrics": {"num_images": 4}})
+    assert f"| model {label} |" in report
