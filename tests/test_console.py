@@ -308,3 +308,12 @@ def test_one_model_label_in_train_and_evaluate_tables_and_run_names(tmp_path):
     report = evaluation_markdown({"checkpoint": "c.ckpt", "model": _describe(loaded), "teacher": None,
                                   "data": "synthetic", "split": "test", "metrics": {"num_images": 4}})
     assert f"| model {label} |" in report
+
+
+def test_the_smoke_experiment_exercises_the_gradcampp_loss(tmp_path):
+    from distill.module import ExplainSettings, LossWeights
+    from tests.support import compose_config
+
+    cfg = compose_config(tmp_path, ["experiment=smoke"])
+    assert cfg.explain.method == "gradcampp" and LossWeights(**cfg.loss).explain > 0
+    assert ExplainSettings(method=cfg.explain.method, distance=cfg.explain.distance).method == "gradcampp"

@@ -380,7 +380,7 @@ def test_every_shipped_option_passes_the_schema(group, option, tmp_path):
         ("optim.optimizer.lr=-0.1", "optim.optimizer.lr=-0.1", "a number >= 0"),
         ("data.batch_size=0", "data.batch_size=0", "an integer >= 1"),
         ("explain.distance=l1", "explain.distance='l1'", "one of 'squared_l2', 'normalized_squared_l2', 'cosine'"),
-        ("loss.explain=0.01", "loss.explain=0.01 needs an explain.method", "one of cam, gradcam, gradcampp, hirescam"),
+        ("explain=none loss.explain=0.01", "loss.explain=0.01 needs an explain.method", "one of cam, gradcam, gradcampp, hirescam"),
         ("+foo=1", "unknown config key foo=1", "takes only task_name"),
         ("+explain.wieght=1", "unknown config key explain.wieght=1", "takes only name, method, distance"),
         ("+loss.kd_weight=1", "unknown config key loss.kd_weight=1", "loss takes only ce, kd, temperature, at"),
