@@ -46,16 +46,19 @@ class ExplanationPanel(pl.Callback):
     the maps of the module's networks (``pl_module.networks()``: teacher and student when
     distilling, else the one network trained): to W&B (``val/explanations``) and as PNGs in ``out_dir``.
 
-    The images are the first ``num_images`` of the validation set in its class-interleaved order
-    (``BaseDataModule.validation_images``: one image per class before any class repeats), the
-    same at every epoch. The grid is :mod:`distill.evaluation.grid`'s (as ``scripts/visualize.py``):
+    The images are the first ``num_images`` (default: one per class, up to :attr:`MAX_ROWS`) of the
+    validation set in its class-interleaved order (``BaseDataModule.validation_images``: one image
+    per class before any class repeats), the same at every epoch. A colour bar gives the maps'
+    scale. The grid is :mod:`distill.evaluation.grid`'s (as ``scripts/visualize.py``):
     one row per image, titled columns (:meth:`columns`: image | teacher map | student map), the
     label above the image and each model's prediction above its map (green when right),
     ``cell_px`` pixels per cell. ``target="label"`` explains the label (as the loss does),
     ``"pred"`` each model's own top-1 class.
     """
 
-    def __init__(self, method: str, every_n_epochs: int = 10, num_images: int = 8,
+    MAX_ROWS = 20  # with num_images=None: one image per class, for up to this many classes
+
+    def __init__(self, method: str, every_n_epochs: int = 10, num_images: int | None = None,
                  out_dir: str | Path | None = None, cell_px: int = 128, target: str = "label",
                  single_network: bool = False) -> None:
         self.every_n_epochs = every_n_epochs
@@ -73,10 +76,17 @@ class ExplanationPanel(pl.Callback):
         one per network of the module, the teacher first."""
         return [(role, self.method) for role in ("teacher", "student") if role in pl_module.networks()]
 
+    def rows(self, datamodule) -> int:
+        """``num_images``, or without it one per class of the data (at most :attr:`MAX_ROWS`)."""
+        if self.num_images is not None:
+            return int(self.num_images)
+        return min(int(getattr(datamodule, "num_classes", None) or 8), self.MAX_ROWS)
+
     def pick_images(self, trainer: pl.Trainer) -> None:
-        """Keep the first ``num_images`` of the validation set's class-interleaved order."""
+        """Keep the first :meth:`rows` images of the validation set's class-interleaved order (one
+        image per class before any class repeats)."""
         dataset = trainer.datamodule.validation_images()
-        items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
+        items = [dataset[i] for i in range(min(self.rows(trainer.datamodule), len(dataset)))]
         self.images = torch.stack([torch.as_tensor(item[0]) for item in items])
         self.labels = torch.stack([torch.as_tensor(item[1]) for item in items])  # (N,) or multi-hot (N, C)
 

@@ -364,7 +364,7 @@ class Task(Strict):
 
 class Panel(Target):
     every_n_epochs: PosInt
-    num_images: PosInt
+    num_images: PosInt | None = None
     method: Method
     target: Literal["label", "pred"] = "label"
     cell_px: PosInt = 128

@@ -99,6 +99,30 @@ def test_panel_shows_fixed_images_of_distinct_classes_with_titled_columns():
     assert not teacher.training and not student.training
 
 
+def test_panel_shows_every_class_by_default_with_a_colour_scale():
+    from distill.evaluation.grid import figure_array
+
+    dm = SyntheticDataModule(num_train=32, num_val=40, image_size=16, seed=3)  # 10 classes, 4 each
+    dm.setup("fit")
+    teacher, student = build_model("wrn16_1", 10).eval(), build_model("wrn16_1", 10).eval()
+    module = SimpleNamespace(networks=lambda: {"student": student, "teacher": teacher}, task=MulticlassTask(10),
+                             device=torch.device("cpu"))
+    from omegaconf import OmegaConf
+
+    from distill.config_schema import Panel
+
+    node = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "callbacks" / "explanation_panel.yaml"))
+    node = {**node["explanation_panel"], "method": "gradcampp", "cell_px": 48, "out_dir": None}
+    Panel(**node)  # the configured default passes the schema
+    panel = ExplanationPanel(**{k: v for k, v in node.items() if k != "_target_"})
+    panel.pick_images(SimpleNamespace(datamodule=dm))
+    assert sorted(panel.labels.tolist()) == list(range(10))  # every class, once
+    figure = panel.render(module, dm)
+    assert figure_array(figure).shape == (10 * 48, 3 * 48, 3)
+    (scale,) = [ax for ax in figure.axes if ax.get_label() == "<colorbar>"]
+    assert scale.get_ylabel() == "(map - min) / (max - min), per map" and scale.get_ylim() == (0.0, 1.0)
+
+
 def test_panel_of_a_network_trained_alone_has_its_own_column():
     from distill.evaluation.grid import figure_array
 

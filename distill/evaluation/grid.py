@@ -16,7 +16,8 @@ Guided Grad-CAM++ is shown with the usual contrast stretch (per image: subtract 
 divide by the std, scale by 0.1, shift to 0.5, clip to ``[0, 1]``).
 
 The PNG is exactly ``rows * cell_px`` high and ``columns * cell_px`` wide (the figure is
-``cell_px / dpi`` inches per cell and is saved without a tight bounding box).
+``cell_px / dpi`` inches per cell and is saved without a tight bounding box); a grid of maps has a
+colour bar (:func:`map_scale`) in that width.
 """
 
 from __future__ import annotations
@@ -196,7 +197,20 @@ def grid_figure(rows: list[list[Cell]], cell_px: int = 128, dpi: int = 100):
             ax.imshow(cell.image, interpolation="bilinear" if cell.smooth else "nearest")
             ax.set_title(cell.title, fontsize=fontsize, color=cell.color, pad=2, linespacing=1.1)
             ax.set_axis_off()
+    if any(cell.smooth for row in rows for cell in row):
+        map_scale(fig, axes, fontsize)
     return fig
+
+
+def map_scale(fig, axes, fontsize: float) -> None:
+    """The colour scale of the map overlays (:func:`distill.explain.overlay`: each map min-max
+    normalised, jet colour map), beside the grid; the figure keeps its size."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), "jet"), ax=axes, fraction=0.04, pad=0.01, aspect=40)
+    bar.set_label("(map - min) / (max - min), per map", fontsize=fontsize)
+    bar.ax.tick_params(labelsize=fontsize)
 
 
 def figure_array(fig) -> np.ndarray:
