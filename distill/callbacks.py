@@ -9,6 +9,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from distill.labels import model_label
+
 
 class EpochTimer(pl.Callback):
     """Logs the wall-clock seconds of every training epoch as ``time/epoch_s`` (of a resumed
@@ -76,6 +78,14 @@ class ExplanationPanel(pl.Callback):
         one per network of the module, the teacher first."""
         return [(role, self.method) for role in ("teacher", "student") if role in pl_module.networks()]
 
+    @staticmethod
+    def labels_of(pl_module: pl.LightningModule) -> dict[str, str]:
+        """``role -> model label`` (``distill.labels``) of the module's networks, from the build
+        specs it records (``teacher`` / ``student``, or ``model`` for a network trained alone)."""
+        hparams = getattr(pl_module, "hparams", None) or {}
+        specs = {role: hparams.get(role) or hparams.get("model") for role in pl_module.networks()}
+        return {role: model_label(spec) for role, spec in specs.items() if isinstance(spec, dict)}
+
     def rows(self, datamodule) -> int:
         """``num_images``, or without it one per class of the data (at most :attr:`MAX_ROWS`)."""
         if self.num_images is not None:
@@ -104,8 +114,9 @@ class ExplanationPanel(pl.Callback):
         from distill.evaluation.grid import figure_array, save_figure
 
         figure = self.render(pl_module, trainer.datamodule)
+        labels = self.labels_of(pl_module)
         caption = f"epoch {trainer.current_epoch}: image | " + " | ".join(
-            f"{who} {m}" for who, m in self.columns(pl_module))
+            f"{who} {labels.get(who, '')} {m}".replace("  ", " ") for who, m in self.columns(pl_module))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("val/explanations", [figure_array(figure)], step=trainer.global_step,
@@ -131,7 +142,8 @@ class ExplanationPanel(pl.Callback):
                                         class_names=names, method=self.method)
             else:
                 rows = explanation_cells(student, x, y, datamodule.mean, datamodule.std, teacher=teacher,
-                                         class_names=names, target=self.target, columns=self.columns(pl_module))
+                                         class_names=names, target=self.target, columns=self.columns(pl_module),
+                                         labels_of=self.labels_of(pl_module))
         finally:
             for name, net in networks.items():
                 net.train(modes[name])

@@ -119,6 +119,10 @@ def test_panel_shows_every_class_by_default_with_a_colour_scale():
     assert sorted(panel.labels.tolist()) == list(range(10))  # every class, once
     figure = panel.render(module, dm)
     assert figure_array(figure).shape == (10 * 48, 3 * 48, 3)
+    module.hparams = {"teacher": {"name": "wrn16_1"}, "student": {"name": "timm", "arch": "mobilenetv3_small_050"}}
+    titles = [ax.get_title() for ax in panel.render(module, dm).axes[:3]]
+    assert titles[1].startswith("teacher Grad-CAM++\nwrn16_1\npred: ")  # the labels train.py's table uses
+    assert titles[2].startswith("student Grad-CAM++\ntimm-mobilenetv3_small_050\npred: ")
     (scale,) = [ax for ax in figure.axes if ax.get_label() == "<colorbar>"]
     assert scale.get_ylabel() == "(map - min) / (max - min), per map" and scale.get_ylim() == (0.0, 1.0)
 

@@ -84,9 +84,11 @@ def explanation_cells(
     class_names: Sequence[str] | None = None,
     target: str = "pred",
     columns: Sequence[tuple[str, str]] | None = None,
+    labels_of: dict[str, str] | None = None,
 ) -> list[list[Cell]]:
     """The grid's cells, one row per image: the image, then one cell per ``columns`` entry
-    (default :data:`TEACHER_COLUMNS` with a teacher, :data:`ALONE_COLUMNS` without).
+    (default :data:`TEACHER_COLUMNS` with a teacher, :data:`ALONE_COLUMNS` without); ``labels_of``
+    (``role -> model label``, ``distill.labels``) adds each network's label to its titles.
 
     ``images`` ``(B, 3, H, W)`` normalised with ``mean``/``std`` (``None``: already in
     ``[0, 1]``), ``labels`` ``(B,)``; models in eval mode, on the images' device.
@@ -124,7 +126,8 @@ def explanation_cells(
         row = [Cell(rgb[i], f"image, label: {_name(label, class_names)}{explains}")]
         for who, method, pics, preds, is_map in pictures_cpu:
             pred = preds[i]
-            title = f"{who} {TITLES[method]}".strip() + f"\npred: {_name(pred, class_names)}"
+            network = f"\n{labels_of[who]}" if labels_of and labels_of.get(who) else ""
+            title = f"{who} {TITLES[method]}".strip() + network + f"\npred: {_name(pred, class_names)}"
             picture = overlay(pixels[i].cpu(), pics[i]) if is_map else _rgb(pics[i : i + 1])[0]
             row.append(Cell(picture, title, GREEN if pred == label else RED, smooth=is_map))
         rows.append(row)
