@@ -2,7 +2,9 @@
 
 A teacher trained here is published only when its run finished: ``checkpoints/<network>_<data>-
 <hash>.ckpt`` (its best weights), ``<stem>-last.ckpt`` and a ``.json`` record of what it is and
-its test metrics (``distill.identity``). A run killed in this stage resumes the teacher's own run.
+its test metrics (``distill.identity``), as hard links to the run's files (no second copy). A run
+killed in this stage resumes the teacher's own run. The jobs of a sweep that need the same teacher
+train it once (:func:`teacher_folder`, :func:`teacher_lock`).
 """
 
 from __future__ import annotations
