@@ -22,6 +22,7 @@ from distill.explain import inspect_network, map_grid, map_metrics_missing, mean
 from distill.explain.resolution import degenerate_grid_fix, grids_line
 from distill.identity import data_identity, network_identity
 from distill.interrupt import StopOnSignal
+from distill.labels import model_label
 from distill.models import build_model, model_options, require_network
 from distill.tasks import build_task
 
@@ -57,11 +58,6 @@ def network(cfg: DictConfig, role: str, weights_from_checkpoint: bool = False) -
         return build_model(node["name"], int(cfg.data.num_classes), **options)
     except TypeError as err:
         raise ConfigError(f"{role}={node['name']} does not take these options: {sorted(options)} ({err})") from None
-
-
-def model_label(node: DictConfig) -> str:
-    """``wrn16_2``, ``timm-resnet18``: the network's name in run names."""
-    return f"{node.name}-{node.arch}" if node.get("arch") else str(node.name)
 
 
 def example_images(cfg: DictConfig) -> torch.Tensor:

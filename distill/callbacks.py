@@ -9,6 +9,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from distill.labels import model_label
+
 
 class EpochTimer(pl.Callback):
     """Logs the wall-clock seconds of every training epoch as ``time/epoch_s`` (of a resumed
@@ -46,16 +48,19 @@ class ExplanationPanel(pl.Callback):
     the maps of the module's networks (``pl_module.networks()``: teacher and student when
     distilling, else the one network trained): to W&B (``val/explanations``) and as PNGs in ``out_dir``.
 
-    The images are the first ``num_images`` of the validation set in its class-interleaved order
-    (``BaseDataModule.validation_images``: one image per class before any class repeats), the
-    same at every epoch. The grid is :mod:`distill.evaluation.grid`'s (as ``scripts/visualize.py``):
+    The images are the first ``num_images`` (default: one per class, up to :attr:`MAX_ROWS`) of the
+    validation set in its class-interleaved order (``BaseDataModule.validation_images``: one image
+    per class before any class repeats), the same at every epoch. A colour bar gives the maps'
+    scale. The grid is :mod:`distill.evaluation.grid`'s (as ``scripts/visualize.py``):
     one row per image, titled columns (:meth:`columns`: image | teacher map | student map), the
     label above the image and each model's prediction above its map (green when right),
     ``cell_px`` pixels per cell. ``target="label"`` explains the label (as the loss does),
     ``"pred"`` each model's own top-1 class.
     """
 
-    def __init__(self, method: str, every_n_epochs: int = 10, num_images: int = 8,
+    MAX_ROWS = 20  # with num_images=None: one image per class, for up to this many classes
+
+    def __init__(self, method: str, every_n_epochs: int = 10, num_images: int | None = None,
                  out_dir: str | Path | None = None, cell_px: int = 128, target: str = "label",
                  single_network: bool = False) -> None:
         self.every_n_epochs = every_n_epochs
@@ -73,12 +78,27 @@ class ExplanationPanel(pl.Callback):
         one per network of the module, the teacher first."""
         return [(role, self.method) for role in ("teacher", "student") if role in pl_module.networks()]
 
+    @staticmethod
+    def labels_of(pl_module: pl.LightningModule) -> dict[str, str]:
+        """``role -> model label`` (``distill.labels``) of the module's networks, from the build
+        specs it records (``teacher`` / ``student``, or ``model`` for a network trained alone)."""
+        hparams = getattr(pl_module, "hparams", None) or {}
+        specs = {role: hparams.get(role) or hparams.get("model") for role in pl_module.networks()}
+        return {role: model_label(spec) for role, spec in specs.items() if isinstance(spec, dict)}
+
+    def rows(self, datamodule) -> int:
+        """``num_images``, or without it one per class of the data (at most :attr:`MAX_ROWS`)."""
+        if self.num_images is not None:
+            return int(self.num_images)
+        return min(int(getattr(datamodule, "num_classes", None) or 8), self.MAX_ROWS)
+
     def pick_images(self, trainer: pl.Trainer) -> None:
-        """Keep the first ``num_images`` of the validation set's class-interleaved order (with
-        ``data.shortcut``, stamped with a conflicting cue: ``BaseDataModule.panel_images``)."""
+        """Keep the first :meth:`rows` images of the validation set's class-interleaved order (one
+        image per class before any class repeats; with ``data.shortcut``, stamped with a conflicting
+        cue: ``BaseDataModule.panel_images``)."""
         datamodule = trainer.datamodule
         dataset = getattr(datamodule, "panel_images", datamodule.validation_images)()
-        items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
+        items = [dataset[i] for i in range(min(self.rows(datamodule), len(dataset)))]
         self.images = torch.stack([torch.as_tensor(item[0]) for item in items])
         self.labels = torch.stack([torch.as_tensor(item[1]) for item in items])  # (N,) or multi-hot (N, C)
 
@@ -96,8 +116,9 @@ class ExplanationPanel(pl.Callback):
         from distill.evaluation.grid import figure_array, save_figure
 
         figure = self.render(pl_module, trainer.datamodule)
+        labels = self.labels_of(pl_module)
         caption = f"epoch {trainer.current_epoch}: image | " + " | ".join(
-            f"{who} {m}" for who, m in self.columns(pl_module))
+            f"{who} {labels.get(who, '')} {m}".replace("  ", " ") for who, m in self.columns(pl_module))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("val/explanations", [figure_array(figure)], step=trainer.global_step,
@@ -123,7 +144,8 @@ class ExplanationPanel(pl.Callback):
                                         class_names=names, method=self.method)
             else:
                 rows = explanation_cells(student, x, y, datamodule.mean, datamodule.std, teacher=teacher,
-                                         class_names=names, target=self.target, columns=self.columns(pl_module))
+                                         class_names=names, target=self.target, columns=self.columns(pl_module),
+                                         labels_of=self.labels_of(pl_module))
         finally:
             for name, net in networks.items():
                 net.train(modes[name])

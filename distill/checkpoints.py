@@ -21,7 +21,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
 
 from distill.errors import CheckpointError, os_cause
-from distill.files import atomic_file, check_checkpoint_file
+from distill.files import atomic_file, check_checkpoint_file, link
 from distill.identity import differences
 
 TRUST_OPTION = "trust_checkpoints=true"
@@ -96,6 +96,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def __init__(self, trusted: bool = False) -> None:
         super().__init__()
         self.trusted = trusted
+        self.written: dict[Path, tuple] = {}  # file -> (epoch, step) of the weights it holds
+
+    def share_weights(self, path: Path, step: tuple) -> None:
+        """A file written before at the same training ``step`` (``best.ckpt``, then ``last.ckpt`` of the
+        same epoch) holds the same weights: it becomes a hard link to ``path``, one copy on disk."""
+        for other, when in self.written.items():
+            if other != path and when == step and other.is_file():
+                link(path, other)
+        self.written[path] = step
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
@@ -116,6 +125,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             kept = " (the previous checkpoint there is kept)" if path.is_file() else ""
             raise CheckpointError(f"could not write checkpoint {path.name} in folder {path.parent}: "
                                   f"{os_cause(fault)}{kept}; free disk space or raise the file-size limit") from None
+        self.share_weights(path, (checkpoint.get("epoch"), checkpoint.get("global_step")))
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         return read_checkpoint(path, "resume checkpoint", trusted=self.trusted)

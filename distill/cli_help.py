@@ -104,7 +104,10 @@ def help_text(app: str = "train") -> str:
               "The loss table (every weight of the student's loss, a plain weighted sum): loss.ce loss.kd",
               "  loss.temperature loss.at loss.explain loss.dkd_alpha loss.dkd_beta loss.dkd_warmup, e.g. loss.kd=0.5",
               "Any config key: key=value, e.g. data.batch_size=64 trainer.max_epochs=10 data.test_subset=1000",
-              "  (a key the config lacks: +key=value; a whole sweep: -m explain=none,gradcampp)",
+              "  A whole sweep: -m explain=none,gradcampp. A key the config lacks is refused (a typo), except",
+              "  where a group is open: +key=value adds a network's option (student=timm +student.drop_path_rate=0.1),",
+              "  an optimizer argument (+optim.optimizer.dampening=0.1), a callback of yours",
+              "  (+callbacks.NAME._target_=...) or a key of your own DataModule (data._target_=...)",
               "See the resolved config without running: python train.py [overrides] --cfg job",
               "  (add --resolve to fill in interpolations; Hydra's own flags: --hydra-help)",
               "Outputs: logs/<task_name>/runs/<time>/ (metrics.json, checkpoints/, explanations/); README.md has more."]

@@ -17,6 +17,7 @@ keyword arguments (models, optimizers, schedulers, loggers). This module imports
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import types
 import typing
@@ -34,6 +35,7 @@ from distill.errors import ConfigError, exit_on_user_error, os_cause
 EXPLAIN_METHODS = ("cam", "gradcam", "gradcampp", "hirescam", "xgradcam", "layercam")  # distill.explain.maps.METHODS
 DISTANCES = ("squared_l2", "normalized_squared_l2", "cosine")  # distill.losses.explain.DISTANCES
 STAGES = ("teacher", "baseline", "distill")  # distill.run.STAGES
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TASKS = ("multiclass", "multilabel", "multilabel_voc11")  # distill.tasks.TASKS
 
 PosInt = Annotated[int, Field(ge=1)]
@@ -224,10 +226,30 @@ def renamed_key_problem(key: str, value: Any = None) -> str | None:
 
 
 def check_overrides(overrides: list[str]) -> None:
-    """Raise ``ConfigError`` (one line) for a command-line override of a key that moved."""
-    problem = renamed_override_problem(overrides)
+    """Raise ``ConfigError`` (one line) for a command-line override of a key that moved, or of a
+    config group option that does not exist."""
+    problem = renamed_override_problem(overrides) or unknown_option_problem(overrides)
     if problem:
         raise ConfigError(problem)
+
+
+def unknown_option_problem(overrides: list[str], config_dir: Path = CONFIG_DIR) -> str | None:
+    """One line naming the first ``group=option`` (or ``-m group=a,b`` sweep) whose option has no
+    ``configs/<group>/<option>.yaml``, with the options there; else ``None``. Hydra's own answer is a
+    multi-line message and exit status 1."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        group = key.lstrip("+~")
+        folder = config_dir / group
+        if not sep or not re.fullmatch(r"\w+", group) or not folder.is_dir() \
+                or not re.fullmatch(r"[\w.-]+(,[\w.-]+)*", value):  # choice(...), globs: left to Hydra
+            continue
+        options = sorted(p.stem for p in folder.glob("*.yaml"))
+        unknown = [option for option in value.split(",") if option != "null" and option not in options]
+        if unknown:
+            return (f"{group}={unknown[0]} is not an option of the config group {group}: choose one of "
+                    f"{', '.join(options)} (configs/{group}/*.yaml)")
+    return None
 
 
 def renamed_override_problem(overrides: list[str]) -> str | None:
@@ -359,7 +381,7 @@ class Task(Strict):
 
 class Panel(Target):
     every_n_epochs: PosInt
-    num_images: PosInt
+    num_images: PosInt | None = None
     method: Method
     target: Literal["label", "pred"] = "label"
     cell_px: PosInt = 128
@@ -549,7 +571,8 @@ def _message(err: ValidationError, model: type[BaseModel], raw: dict, prefix: st
             owner = _submodel(_field(owner, part)) or owner
         group = ".".join(([prefix] if prefix else []) + parts[:-1]) or "the top level"
         return (f"unknown config key {key}={value!r}: {group} takes only {', '.join(_keys(owner))} "
-                f"(check the spelling; a '+key=' override cannot add keys){more}")
+                f"(check the spelling; '+key=' adds keys only to networks, optimizers, callbacks and your own "
+                f"DataModule){more}")
     if first["type"] == "missing":
         key = ".".join(str(part) for part in ([prefix] if prefix else []) + list(first["loc"]))
         return f"config key {key} is required but not set: add {key}=...{more}"

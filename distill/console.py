@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 
 from distill.explain.resolution import missing_cell
+from distill.labels import model_label
 
 # Lightning's rank-zero messages repeated by every Trainer of a run (teacher, then student).
 ONCE_PER_PROCESS = ("GPU available:", "TPU available:", "HPU available:", "LOCAL_RANK:")
@@ -160,9 +161,7 @@ def metrics_table(result: dict) -> list[str]:
 
     def name(role: str) -> str:
         node = config.get(role)
-        if not isinstance(node, dict) or "name" not in node:
-            return role
-        return f"{role} {node['name']}-{node['arch']}" if node.get("arch") else f"{role} {node['name']}"
+        return f"{role} {model_label(node)}" if isinstance(node, dict) and node.get("name") else role
 
     def pct(key: str, factor: float, digits: int = 2) -> str:
         return f"{factor * metrics[key]:.{digits}f}" if key in metrics else ""

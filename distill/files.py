@@ -1,4 +1,4 @@
-"""Atomic file writes: write ``<path>.tmp``, fsync, rename over ``path``.
+"""Atomic file writes: write ``<path>.tmp``, fsync, rename over ``path``; hard links for a second name.
 
 A kill or a full disk mid-write never leaves a torn file: the previous ``path`` (if any) stays
 as it was, and the ``*.tmp`` is removed on any failure (the error is re-raised unchanged, so each
@@ -77,3 +77,26 @@ def check_checkpoint_file(path: str | Path, what: str = "checkpoint") -> None:
         raise CheckpointError(f"{what} '{path}' is not a regular file: point to a .ckpt file")
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"{what} '{path}' cannot be read (permission denied): fix its permissions")
+
+
+def link(source: str | Path, target: str | Path) -> bool:
+    """Make ``target`` a hard link to ``source`` atomically (one copy on disk, two names); ``False``
+    (``target`` left as it was) where a link cannot be made: another file system, no link support.
+    The files written here are only ever replaced, never changed in place, so the two names never
+    diverge silently: writing a new ``source`` leaves ``target`` holding the old content."""
+    source, target = Path(source), Path(target)
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_quietly(tmp)
+        os.link(source, tmp)
+        os.replace(tmp, target)
+    except OSError:
+        remove_quietly(tmp)
+        return False
+    return True
+
+
+def link_or_copy(source: str | Path, target: str | Path) -> Path:
+    """``target`` as a hard link to ``source`` (:func:`link`), else as an atomic copy."""
+    return Path(target) if link(source, target) else copy_file(source, target)

@@ -541,6 +541,8 @@ class DistillModule(ClassifierModule):
         return sum(self.weights.weight(name, self.current_epoch + 1) * value for name, value in terms.items())
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Logs ``train/<term>``: the student in train mode (BatchNorm with the batch's statistics),
+        so a raw-map term is not comparable with ``val/<term>`` (docs/logged_terms.md)."""
         x, y = batch
         terms, s_logits = self.loss_terms(x, y)
         loss = self.total_loss(terms)
@@ -554,7 +556,10 @@ class DistillModule(ClassifierModule):
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: tuple[Tensor, ...], stage: str) -> None:
         """The same terms and weighted total as in training (``<stage>/<term>``, ``<stage>/loss``),
-        the scores, and the cosine of the ``eval_method`` maps (``<stage>/map_cosine``)."""
+        the scores, and the cosine of the ``eval_method`` maps (``<stage>/map_cosine``). The student
+        is in eval mode here (BatchNorm's running statistics), in train mode for ``train/<term>``:
+        early in training the squared-L2 explanation term differs by tens of times between the two
+        for that reason alone (measured: docs/logged_terms.md, scripts/measure_explain_gap.py)."""
         x, y = batch[0], batch[1]
         if torch.is_inference_mode_enabled():
             raise ConfigError("explanation maps need autograd at evaluation: set trainer.inference_mode=false")

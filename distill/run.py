@@ -139,13 +139,17 @@ def teacher_datamodule(cfg: DictConfig,
 
 
 def prepare_data(cfg: DictConfig) -> pl.LightningDataModule:
-    """The DataModule, its files checked (and downloaded) before any logger run or checkpoint exists."""
+    """The DataModule, its files checked (and downloaded) and its batch size against its images,
+    before any logger run, checkpoint or training work exists."""
     datamodule = build.instantiate(cfg.data, "the data (data=...)")
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         datamodule.prepare_data()
     if cfg.data.get("num_classes") is None:  # image folders count their class folders
         with open_dict(cfg):
             cfg.data.num_classes = int(datamodule.num_classes)
+    # the other ranks of a DDP job wait for rank 0's download, then meet the same check in train_dataloader
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and callable(getattr(datamodule, "check_sizes", None)):
+        datamodule.check_sizes()  # (a DataModule of the user's own may not have it)
     return datamodule
 
 

@@ -11,19 +11,24 @@ class list is refused.
 
 A teacher trained here is published only when its run finished: ``checkpoints/<network>_<data>-
 <hash>.ckpt`` (its best weights), ``<stem>-last.ckpt`` and a ``.json`` record of what it is and
-its test metrics (``distill.identity``). A run killed in this stage resumes the teacher's own run.
+its test metrics (``distill.identity``), as hard links to the run's files (no second copy). A run
+killed in this stage resumes the teacher's own run. The jobs of a sweep that need the same teacher
+train it once (:func:`teacher_folder`, :func:`teacher_lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import lightning.pytorch as pl
 import torch
+from filelock import FileLock, Timeout
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -31,7 +36,7 @@ from distill.build import identity, model_label, network
 from distill.checkpoints import load_network
 from distill.ddp import ddp_barrier
 from distill.errors import CheckpointError, ConfigError, os_cause
-from distill.files import copy_file, write_json
+from distill.files import link_or_copy, write_json
 from distill.identity import STUDENT_ONLY_KEYS, checkpoint_stem, data_differences
 from distill.models import BUILD_ATTRIBUTE, build_spec
 from distill.resume import last_checkpoint
@@ -70,9 +75,54 @@ class ResolvedTeacher(NamedTuple):
 
 
 def default_checkpoint(cfg: DictConfig, datamodule: pl.LightningDataModule) -> Path:
-    """``checkpoints/<network>_<data>-<hash of both identities>.ckpt``."""
+    """``checkpoints/<network>_<data>-<hash of both identities>.ckpt`` (in :func:`teacher_folder`)."""
     ident = identity(cfg, "teacher", datamodule)
-    return Path(cfg.paths.checkpoint_dir) / f"{checkpoint_stem(ident['network'], ident['data'])}.ckpt"
+    return teacher_folder(cfg) / f"{checkpoint_stem(ident['network'], ident['data'])}.ckpt"
+
+
+def is_sweep_job(run_dir: Path) -> bool:
+    """``run_dir`` is the folder of one job of a Hydra multirun (``-m``), by what Hydra recorded
+    there (``.hydra/hydra.yaml``: also true when that job is resumed, or is a DDP rank of it)."""
+    record = run_dir / ".hydra" / "hydra.yaml"
+    try:
+        return record.is_file() and OmegaConf.select(OmegaConf.load(record), "hydra.mode") == "MULTIRUN"
+    except Exception:  # noqa: BLE001 - an unreadable record: a run of its own
+        return False
+
+
+def teacher_folder(cfg: DictConfig) -> Path:
+    """Where a teacher trained first is published: ``paths.checkpoint_dir``. When that lies in the
+    run's own folder (``experiment=smoke`` / ``quick``: ``<output dir>/teacher``) and the run is a job
+    of a multirun, the same place in the sweep's folder (``<sweep dir>/teacher``): the jobs that need
+    the same teacher share one training of it."""
+    folder, run_dir = Path(cfg.paths.checkpoint_dir), Path(cfg.paths.output_dir)
+    inside = folder.absolute().is_relative_to(run_dir.absolute())
+    if not inside or not is_sweep_job(run_dir):
+        return folder
+    return run_dir.parent / folder.absolute().relative_to(run_dir.absolute())
+
+
+@contextlib.contextmanager
+def teacher_lock(path: Path) -> Iterator[None]:
+    """Held while a run looks for the teacher ``path`` and trains it when it is missing, so that
+    jobs running in parallel (a multirun under a parallel launcher, two runs started at once)
+    train it once: the others wait, then reuse the published file. The ranks of one DDP job that
+    Lightning or a cluster started (``LOCAL_RANK`` set) do not take it: they train with the rank
+    that holds it."""
+    if os.environ.get("LOCAL_RANK") is not None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path.with_name(path.name + ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("Another run is training the teacher %s: waiting for it to finish (lock %s)", path, lock.lock_file)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def target_checkpoint(cfg: DictConfig, datamodule: pl.LightningDataModule) -> Path:
@@ -81,9 +131,10 @@ def target_checkpoint(cfg: DictConfig, datamodule: pl.LightningDataModule) -> Pa
 
 
 def publish(source: str | Path, target: Path) -> None:
-    """Copy a finished checkpoint to ``target`` atomically (tmp file, fsync, rename)."""
+    """Publish a finished checkpoint as ``target`` atomically: a hard link to ``source`` (no second
+    copy on disk), or a copy where the two folders are on different file systems."""
     try:
-        copy_file(source, target)
+        link_or_copy(source, target)
     except OSError as err:
         raise CheckpointError(f"could not publish {Path(source).name} as {target.name} in folder {target.parent}: "
                               f"{os_cause(err)}; the trained checkpoint stays in {Path(source).parent}") from None
@@ -104,17 +155,21 @@ def train_teacher(cfg: DictConfig, datamodule: pl.LightningDataModule, target: P
     return {**result, "teacher_checkpoint": str(target)}
 
 
-def announce(path: Path) -> None:
-    """One line: which teacher file is reused, trained on what, and its test score."""
+def announce(path: Path, how: str) -> None:
+    """One line: which teacher file is used and ``how`` (``given``: ``teacher.checkpoint``;
+    ``reused``: found at the default place), what it was trained on, and its test score."""
     record = path.with_suffix(".json")
-    if not record.is_file():
-        log.info("Teacher: %s", path)
+    try:
+        saved = json.loads(record.read_text()) if record.is_file() else None
+    except (OSError, ValueError):
+        saved = None
+    if not saved or "identity" not in saved:
+        log.info("Teacher: %s (%s)", path, how)
         return
-    saved = json.loads(record.read_text())
     data, metrics = saved["identity"]["data"], saved.get("metrics", {})
     scores = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())
                        if k.startswith("test/") and not k.endswith(("loss", "ce", "num_images")))
-    log.info("Reusing teacher %s (trained on %s%s; %s)", path, data.get("name"),
+    log.info("Teacher: %s (%s; trained on %s%s; %s)", path, how, data.get("name"),
              f" {data['root']}" if data.get("root") else "", scores or "no test metrics")
 
 
@@ -147,14 +202,16 @@ def resolve_teacher(cfg: DictConfig, datamodule: pl.LightningDataModule, train: 
     explicit = cfg.teacher.checkpoint is not None
     if explicit:
         path = Path(cfg.teacher.checkpoint)
+        announce(path, "given")
     else:
         path = default_checkpoint(cfg, datamodule)
-        if path.is_file():
-            announce(path)
-        else:
-            log.info("No teacher checkpoint at %s: training the %s teacher first (same trainer settings, on %s), "
-                     "then distilling.", path, model_label(cfg.teacher), describe_data(expected["data"]))
-            train_teacher(teacher_run_config(cfg), datamodule, path, train)
+        with teacher_lock(path):
+            if path.is_file():
+                announce(path, "reused")
+            else:
+                log.info("No teacher checkpoint at %s: training the %s teacher first (same trainer settings, on %s), "
+                         "then distilling.", path, model_label(cfg.teacher), describe_data(expected["data"]))
+                train_teacher(teacher_run_config(cfg), datamodule, path, train)
     # an explicit checkpoint may come from other data (checked below); the default one is the data's own
     checked = {"network": expected["network"]} if explicit else expected
     teacher, hparams = load_network(path, "teacher checkpoint", bool(cfg.get("trust_checkpoints", False)),

@@ -99,6 +99,34 @@ def test_panel_shows_fixed_images_of_distinct_classes_with_titled_columns():
     assert not teacher.training and not student.training
 
 
+def test_panel_shows_every_class_by_default_with_a_colour_scale():
+    from distill.evaluation.grid import figure_array
+
+    dm = SyntheticDataModule(num_train=32, num_val=40, image_size=16, seed=3)  # 10 classes, 4 each
+    dm.setup("fit")
+    teacher, student = build_model("wrn16_1", 10).eval(), build_model("wrn16_1", 10).eval()
+    module = SimpleNamespace(networks=lambda: {"student": student, "teacher": teacher}, task=MulticlassTask(10),
+                             device=torch.device("cpu"))
+    from omegaconf import OmegaConf
+
+    from distill.config_schema import Panel
+
+    node = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "callbacks" / "explanation_panel.yaml"))
+    node = {**node["explanation_panel"], "method": "gradcampp", "cell_px": 48, "out_dir": None}
+    Panel(**node)  # the configured default passes the schema
+    panel = ExplanationPanel(**{k: v for k, v in node.items() if k != "_target_"})
+    panel.pick_images(SimpleNamespace(datamodule=dm))
+    assert sorted(panel.labels.tolist()) == list(range(10))  # every class, once
+    figure = panel.render(module, dm)
+    assert figure_array(figure).shape == (10 * 48, 3 * 48, 3)
+    module.hparams = {"teacher": {"name": "wrn16_1"}, "student": {"name": "timm", "arch": "mobilenetv3_small_050"}}
+    titles = [ax.get_title() for ax in panel.render(module, dm).axes[:3]]
+    assert titles[1].startswith("teacher Grad-CAM++\nwrn16_1\npred: ")  # the labels train.py's table uses
+    assert titles[2].startswith("student Grad-CAM++\ntimm-mobilenetv3_small_050\npred: ")
+    (scale,) = [ax for ax in figure.axes if ax.get_label() == "<colorbar>"]
+    assert scale.get_ylabel() == "(map - min) / (max - min), per map" and scale.get_ylim() == (0.0, 1.0)
+
+
 def test_panel_of_a_network_trained_alone_has_its_own_column():
     from distill.evaluation.grid import figure_array
 
@@ -155,6 +183,23 @@ def test_train_help_lists_commands_groups_and_cfg_job():
     assert len(text.splitlines()) < 80
 
 
+def test_every_plus_key_example_of_help_is_accepted(tmp_path):
+    """``--help`` says where ``+key=value`` works: each of its examples composes and passes the checks."""
+    import re
+
+    from distill.cli_help import help_text
+    from distill.config_schema import check_config, check_model_options
+    from tests.support import compose_config
+
+    examples = [group.split() for group in re.findall(r"\(([^()]*\+[^()]*)\)", help_text())
+                if "..." not in group]
+    assert examples, help_text()
+    for overrides in examples:
+        cfg = compose_config(tmp_path, ["experiment=smoke", *overrides])
+        check_config(cfg, "train")
+        check_model_options(cfg)
+
+
 # ---------------------------------------------------------------------------- presets compose
 def _tiny_folder(root: Path, n_train: int = 12, n_test: int = 4) -> None:
     from PIL import Image
@@ -182,6 +227,25 @@ def test_presets_compose_with_another_data_option(experiment, tmp_path):
 
         preset = OmegaConf.load(REPO / "configs" / "experiment" / "quick.yaml")
         assert OmegaConf.to_container(preset.paths)["checkpoint_dir"] == "${paths.output_dir}/teacher"
+
+
+def test_a_batch_larger_than_the_training_images_stops_before_the_teacher_is_trained(tmp_path, monkeypatch):
+    from distill import build
+    from distill.errors import ConfigError
+    from distill.run import run
+    from tests.support import compose_config
+
+    _tiny_folder(tmp_path / "tree", n_train=5)  # 15 training images, batches of 32
+    cfg = compose_config(tmp_path, ["experiment=smoke", "data=image_folder", f"data.root={tmp_path / 'tree'}",
+                                    "logger=none"])
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a Trainer was built before the batch size was checked")
+
+    monkeypatch.setattr(build, "trainer", no_training)
+    with pytest.raises(ConfigError, match=r"^data.batch_size=32 exceeds the 15 training images"):
+        run(cfg)
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 @pytest.mark.slow
@@ -247,3 +311,37 @@ def test_panel_of_a_network_trained_alone_only_when_asked(tmp_path, single_netwo
     panel = ExplanationPanel("gradcampp", num_images=2, cell_px=32, out_dir=tmp_path, single_network=single_network)
     panel.on_validation_epoch_end(trainer, module)
     assert [p.name for p in tmp_path.glob("*.png")] == (["explanations_epoch000.png"] if single_network else [])
+
+
+def test_one_model_label_in_train_and_evaluate_tables_and_run_names(tmp_path):
+    from pathlib import Path as _Path
+
+    from distill.build import run_name
+    from distill.console import metrics_table
+    from distill.evaluation.report import evaluation_markdown
+    from distill.evaluation.runner import LoadedModel, _describe, _run_name
+    from tests.support import compose_config
+
+    label = "timm-mobilenetv3_small_050"
+    cfg = compose_config(tmp_path, ["experiment=smoke", "stage=baseline", "student=timm",
+                                    "student.arch=mobilenetv3_small_050"])
+    assert label in run_name(cfg, "baseline")
+    trained = {"stage": "baseline", "metrics": {"test/acc": 0.5},
+               "config": {"student": {"name": "timm", "arch": "mobilenetv3_small_050"}}}
+    assert any(f"student {label}" in line for line in metrics_table(trained))
+    loaded = LoadedModel(None, _Path("run/checkpoints/last.ckpt"), {
+        "model_name": "timm", "num_classes": 10, "stage": "baseline",
+        "model": {"name": "timm", "num_classes": 10, "arch": "mobilenetv3_small_050", "drop_rate": 0.0}})
+    assert loaded.label == label and label in _run_name("eval", loaded)
+    report = evaluation_markdown({"checkpoint": "c.ckpt", "model": _describe(loaded), "teacher": None,
+                                  "data": "synthetic", "split": "test", "metrics": {"num_images": 4}})
+    assert f"| model {label} |" in report
+
+
+def test_the_smoke_experiment_exercises_the_gradcampp_loss(tmp_path):
+    from distill.module import ExplainSettings, LossWeights
+    from tests.support import compose_config
+
+    cfg = compose_config(tmp_path, ["experiment=smoke"])
+    assert cfg.explain.method == "gradcampp" and LossWeights(**cfg.loss).explain > 0
+    assert ExplainSettings(method=cfg.explain.method, distance=cfg.explain.distance).method == "gradcampp"

@@ -280,3 +280,52 @@ def test_summary_of_one_seed_shows_the_mean_only(tmp_path):
     fake_job(tmp_path, 1, "gradcam", 0, 0.25, 0.5, 0.8)
     table = Path(summarize_multirun(tmp_path, tmp_path / "out" / "table")["markdown"]).read_text()
     assert "| explain=gradcam | 1 | 25.00 | 75.00 | 50.00 | 0.8000 |" in table
+
+
+def separate_run(root: Path, name: str, overrides: list[str], config: dict, cosine: float | None) -> None:
+    """A single run's folder as train.py leaves it (not a multirun job)."""
+    (root / name / ".hydra").mkdir(parents=True)
+    (root / name / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    metrics = {"test/acc": 0.5, "test/agreement": 0.8, **({"test/map_cosine": cosine} if cosine is not None else {})}
+    (root / name / "metrics.json").write_text(json.dumps({"stage": "distill", "metrics": metrics,
+                                                           "config": {"seed": 0, **config}}))
+
+
+def test_summary_of_separate_runs_names_only_what_each_run_set(tmp_path):
+    wrn = {"student": {"name": "wrn16_2"}, "teacher": {"name": "wrn40_2"}}
+    timm = {"student": {"name": "timm", "arch": "mobilenetv3_small_050"}, "teacher": {"name": "wrn40_2"}}
+    separate_run(tmp_path, "a", [], wrn, 0.92)
+    separate_run(tmp_path, "b", ["student=timm", "student.arch=mobilenetv3_small_050"], timm, 0.95)
+    separate_run(tmp_path, "c", ["explain=gradcampp"], wrn, None)
+    result = summarize_multirun(tmp_path)
+    variants = [s.variant for s in result["summaries"]]
+    assert variants == ["default", "student=timm-mobilenetv3_small_050", "explain=gradcampp"]
+    assert "None" not in Path(result["markdown"]).read_text()
+
+
+def test_summary_plot_labels_do_not_overlap_and_the_cosine_axis_shows_the_difference(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from distill.evaluation.report import collect_runs, summarize_runs, summary_figure
+
+    for i in range(6):
+        separate_run(tmp_path, f"r{i}", [f"explain=gradcampp loss.explain={i} kd=hinton trainer.max_epochs=200"],
+                     {"student": {"name": "wrn16_2"}}, None if i == 5 else 0.92 + 0.01 * (i % 4))
+    fig = summary_figure(summarize_runs(collect_runs(tmp_path)))
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    cosine = next(ax for ax in fig.axes if ax.get_title() == "map cosine")
+    low, high = cosine.get_xlim()
+    assert 0.85 < low < 0.92 and 0.95 < high <= 1.0  # not from 0: 0.92 and 0.95 are visibly apart
+    assert [t.get_text() for t in cosine.texts] == ["no value"]  # the run without a map cosine says so
+    def drawn(ax, axis):  # matplotlib keeps labels of ticks outside the view: those are not drawn
+        low, high = sorted(ax.get_xlim() if axis == "x" else ax.get_ylim())
+        ticks = (ax.xaxis if axis == "x" else ax.yaxis).get_major_ticks()
+        return [t.label1 for t in ticks
+                if t.label1.get_visible() and t.label1.get_text() and low <= t.get_loc() <= high]
+
+    boxes = [label.get_window_extent(renderer) for ax in fig.axes for axis in "xy" for label in drawn(ax, axis)]
+    assert len(boxes) > 12
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)

@@ -139,3 +139,38 @@ def test_maps_that_do_not_split_into_cells_are_upsampled():
     grids = tile_grids(one_hot_images(labels[0], 4, size=3)[None], 2)
     scores = grid_pointing_scores(model, grids, labels, 2, ("gradcam",))["gradcam"]
     assert scores.shape == (1, 4) and (scores > 0.25).all() and (scores < 0.4).all()
+
+
+# --------------------------------------------------------------------------- scripts/evaluate.py
+def test_evaluate_plays_the_pointing_game_on_the_first_batches(tmp_path, monkeypatch):
+    """``limit_batches=2 pointing_game.grid=2`` (the README's command): the game draws its grids from
+    the images the two batches judged, ``dataset[i]`` being the ``i``-th of them."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from distill.evaluation import runner
+    from distill.models import build_model
+    from tests.support import CONFIG_DIR, compose_config
+
+    train_cfg = compose_config(tmp_path, ["experiment=smoke"])
+    checkpoint = tmp_path / "student.ckpt"
+    state = {f"model.{k}": v for k, v in build_model("wrn16_1", 10).state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {
+        "model_name": "wrn16_1", "num_classes": 10, "stage": "baseline",
+        "config": OmegaConf.to_container(train_cfg, resolve=True)}}, checkpoint)
+    played = {}
+
+    def game(session, dataset, labels, correct, settings, seed):
+        played.update(labels=labels, dataset_labels=torch.as_tensor([int(dataset[i][1]) for i in range(len(labels))]))
+        return {"pointing_game_2x2/gradcam_pct": 50.0}
+
+    monkeypatch.setattr(runner, "_pointing_game", game)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose("evaluate", overrides=[f"checkpoint={checkpoint}", "limit_batches=2", "batch_size=16",
+                                             "pointing_game.grid=2", "progress_bar=false", f"output_dir={tmp_path}",
+                                             "device=cpu"])
+    result = runner.evaluate(cfg)
+    assert result["metrics"]["num_images"] == 32 and result["metrics"]["pointing_game_2x2/gradcam_pct"] == 50.0
+    assert len(played["labels"]) == 32 and torch.equal(played["labels"].cpu(), played["dataset_labels"])

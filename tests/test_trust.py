@@ -445,7 +445,8 @@ def test_every_shipped_option_passes_the_schema(group, option, tmp_path):
         ("optim.optimizer.lr=-0.1", "optim.optimizer.lr=-0.1", "a number >= 0"),
         ("data.batch_size=0", "data.batch_size=0", "an integer >= 1"),
         ("explain.distance=l1", "explain.distance='l1'", "one of 'squared_l2', 'normalized_squared_l2', 'cosine'"),
-        ("loss.explain=0.01", "loss.explain=0.01 needs an explain.method", "one of cam, gradcam, gradcampp, hirescam"),
+        ("explain=none loss.explain=0.01", "loss.explain=0.01 needs an explain.method",
+         "one of cam, gradcam, gradcampp, hirescam"),
         ("+foo=1", "unknown config key foo=1", "takes only task_name"),
         ("+explain.wieght=1", "unknown config key explain.wieght=1", "takes only name, method, distance"),
         ("+loss.kd_weight=1", "unknown config key loss.kd_weight=1", "loss takes only ce, kd, temperature, at"),
@@ -501,6 +502,16 @@ def test_a_renamed_key_on_the_command_line_is_caught_before_hydra():
         "kd.dkd_warmup is now loss.dkd_warmup (one table for every loss weight): use loss.dkd_warmup=20")
     assert renamed_override_problem(["++kd.at_weight=1000"]).endswith("use loss.at=500.0")
     assert renamed_override_problem(["kd.kd_weight=0.5,1"]).endswith("use loss.kd=0.5,1")  # a sweep
+
+
+def test_an_unknown_group_option_on_the_command_line_lists_the_options():
+    from distill.config_schema import unknown_option_problem
+
+    assert unknown_option_problem(["teacher=wrn40_2", "experiment=null", "teacher.checkpoint=x", "seed=1"]) is None
+    assert unknown_option_problem(["teacher=wrn99"]) == (
+        "teacher=wrn99 is not an option of the config group teacher: choose one of timm, torchvision, vgg16, "
+        "wrn16_2, wrn40_2 (configs/teacher/*.yaml)")
+    assert unknown_option_problem(["-m", "explain=none,gradcamp"]).startswith("explain=gradcamp is not an option")
 
 
 @pytest.mark.slow

@@ -324,7 +324,9 @@ class BaseDataModule(pl.LightningDataModule):
         devices = getattr(self.trainer, "num_devices", 1) if self.trainer is not None else 1
         return auto_num_workers(devices)
 
-    def train_dataloader(self) -> DataLoader:
+    def check_sizes(self) -> None:
+        """A full training batch fits the training images and ``test_subset`` the test images;
+        ``train.py`` calls it before any training work (a teacher trained first included)."""
         self.setup("fit")
         assert self.train_set is not None
         if len(self.train_set) < self.batch_size:
@@ -335,6 +337,9 @@ class BaseDataModule(pl.LightningDataModule):
             )
         if self.test_set is not None:  # before training, not after it
             self.check_subset(self.test_subset, len(self.test_set), "test_subset", "test images")
+
+    def train_dataloader(self) -> DataLoader:
+        self.check_sizes()
         return self._loader(self.train_set, self.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:

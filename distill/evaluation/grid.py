@@ -19,7 +19,8 @@ Guided Grad-CAM++ is shown with the usual contrast stretch (per image: subtract 
 divide by the std, scale by 0.1, shift to 0.5, clip to ``[0, 1]``).
 
 The PNG is exactly ``rows * cell_px`` high and ``columns * cell_px`` wide (the figure is
-``cell_px / dpi`` inches per cell and is saved without a tight bounding box).
+``cell_px / dpi`` inches per cell and is saved without a tight bounding box); a grid of maps has a
+colour bar (:func:`map_scale`) in that width.
 """
 
 from __future__ import annotations
@@ -93,9 +94,11 @@ def explanation_cells(
     class_names: Sequence[str] | None = None,
     target: str = "pred",
     columns: Sequence[tuple[str, str]] | None = None,
+    labels_of: dict[str, str] | None = None,
 ) -> list[list[Cell]]:
     """The grid's cells, one row per image: the image, then one cell per ``columns`` entry
-    (default :data:`TEACHER_COLUMNS` with a teacher, :data:`ALONE_COLUMNS` without).
+    (default :data:`TEACHER_COLUMNS` with a teacher, :data:`ALONE_COLUMNS` without); ``labels_of``
+    (``role -> model label``, ``distill.labels``) adds each network's label to its titles.
 
     ``images`` ``(B, 3, H, W)`` normalised with ``mean``/``std`` (``None``: already in
     ``[0, 1]``), ``labels`` ``(B,)``; models in eval mode, on the images' device.
@@ -135,7 +138,8 @@ def explanation_cells(
         row = [Cell(rgb[i], f"image, label: {_name(label, class_names)}{explains}")]
         for who, method, pics, preds, is_map in pictures_cpu:
             pred = preds[i]
-            title = f"{who} {TITLES[method]}".strip() + f"\npred: {_name(pred, class_names)}"
+            network = f"\n{labels_of[who]}" if labels_of and labels_of.get(who) else ""
+            title = f"{who} {TITLES[method]}".strip() + network + f"\npred: {_name(pred, class_names)}"
             if isinstance(is_map, str):  # a map too small to show anything: a blank cell saying so
                 row.append(Cell(_rgb(pics[i : i + 1])[0], f"{title}\n{is_map}", GREEN if pred == label else RED))
                 continue
@@ -215,7 +219,20 @@ def grid_figure(rows: list[list[Cell]], cell_px: int = 128, dpi: int = 100):
             ax.imshow(cell.image, interpolation="bilinear" if cell.smooth else "nearest")
             ax.set_title(cell.title, fontsize=fontsize, color=cell.color, pad=2, linespacing=1.1)
             ax.set_axis_off()
+    if any(cell.smooth for row in rows for cell in row):
+        map_scale(fig, axes, fontsize)
     return fig
+
+
+def map_scale(fig, axes, fontsize: float) -> None:
+    """The colour scale of the map overlays (:func:`distill.explain.overlay`: each map min-max
+    normalised, jet colour map), beside the grid; the figure keeps its size."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), "jet"), ax=axes, fraction=0.04, pad=0.01, aspect=40)
+    bar.set_label("(map - min) / (max - min), per map", fontsize=fontsize)
+    bar.ax.tick_params(labelsize=fontsize)
 
 
 def figure_array(fig) -> np.ndarray:

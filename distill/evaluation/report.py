@@ -26,9 +26,11 @@ from typing import Any
 
 from distill.errors import DataError
 from distill.files import write_json, write_text
+from distill.labels import model_label
 
 log = logging.getLogger("distill")
 
+NETWORKS = ("teacher", "student")  # config groups named by their network's label (distill.labels)
 METHOD_NAMES = {"cam": "CAM", "gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "hirescam": "HiResCAM",
                 "xgradcam": "XGrad-CAM", "layercam": "LayerCAM"}
 
@@ -69,6 +71,11 @@ def _missing_note(result: dict) -> list[str]:
     return [f"Map metrics missing: {missing} (below the minimum grid; docs/map_grids.md).", ""] if missing else []
 
 
+def _label(described: dict) -> str:
+    """A network's label (``distill.labels.model_label``) as evaluation.json records it."""
+    return str(described.get("label") or described["name"])
+
+
 # --------------------------------------------------------------------------- markdown
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table; first column left-aligned, the others right-aligned."""
@@ -95,7 +102,7 @@ def multilabel_markdown(result: dict) -> str:
     lines = [
         f"# Evaluation of `{result['checkpoint']}`",
         "",
-        f"{model['name']} ({model.get('stage')}), data `{result['data']}` {result['split']} split, "
+        f"{_label(model)} ({model.get('stage')}), data `{result['data']}` {result['split']} split, "
         f"{m['num_images']} images, multi-label: every ground-truth positive class of each image is explained "
         "(Y, O = its sigmoid score on the image and on the explanation image).",
         "",
@@ -109,9 +116,9 @@ def multilabel_markdown(result: dict) -> str:
         return [label, _fmt(m.get(f"{prefix}{score}"), 4), *_faithfulness_cells(result, prefix),
                 *(_map_cell(result, f"{prefix}loc{round(100 * d):02d}_pct", prefix) for d in deltas)]
 
-    rows = [row(f"{'student' if teacher else 'model'} {model['name']}", "")]
+    rows = [row(f"{'student' if teacher else 'model'} {_label(model)}", "")]
     if teacher:
-        rows.append(row(f"teacher {teacher['name']}", "teacher/"))
+        rows.append(row(f"teacher {_label(teacher)}", "teacher/"))
     lines.append(markdown_table(headers, rows))
     if teacher:
         lines += [f"Teacher: `{teacher['checkpoint']}`.", "",
@@ -134,7 +141,7 @@ def evaluation_markdown(result: dict) -> str:
     lines = [
         f"# Evaluation of `{result['checkpoint']}`",
         "",
-        f"{model['name']} ({model.get('stage')}), data `{result['data']}` {result['split']} split, "
+        f"{_label(model)} ({model.get('stage')}), data `{result['data']}` {result['split']} split, "
         f"{m['num_images']} images, explained class: the model's top-1.",
         "",
     ]
@@ -150,9 +157,9 @@ def evaluation_markdown(result: dict) -> str:
     def row(label: str, prefix: str) -> list[str]:
         return [label, _fmt(m.get(f"{prefix}accuracy_pct")), *_faithfulness_cells(result, prefix)]
 
-    rows = [row(f"{'student' if teacher else 'model'} {model['name']}", "")]
+    rows = [row(f"{'student' if teacher else 'model'} {_label(model)}", "")]
     if teacher:
-        rows.append(row(f"teacher {teacher['name']}", "teacher/"))
+        rows.append(row(f"teacher {_label(teacher)}", "teacher/"))
     lines.append(markdown_table(headers, rows))
     if teacher:
         lines += [
@@ -259,8 +266,23 @@ def _recorded_settings(result: dict) -> dict[str, str]:
     for group in ("teacher", "student", "explain", "kd"):
         node = config.get(group)
         if isinstance(node, dict) and "name" in node:
-            settings[group] = str(node["name"])
+            settings[group] = model_label(node) if group in NETWORKS else str(node["name"])
     settings["seed"] = str(config.get("seed"))
+    return settings
+
+
+def _settings(overrides: dict[str, str] | None, result: dict) -> dict[str, str]:
+    """What a run set on its command line (without that record: what its ``metrics.json`` records);
+    a network's keys (``student=timm student.arch=...``) become its label (``student=timm-resnet18``)."""
+    if overrides is None:
+        return _recorded_settings(result)
+    config, settings = result.get("config", {}), {}
+    for key, value in overrides.items():
+        group = key.split(".")[0]
+        if group in NETWORKS and key != f"{group}.checkpoint" and isinstance(config.get(group), dict):
+            settings[group] = model_label(config[group])
+        else:
+            settings[key] = value
     return settings
 
 
@@ -302,7 +324,7 @@ def collect_runs(root: str | Path) -> list[Run]:
             log.warning("left out %s: not valid JSON (%s)", path, err)
             continue
         recorded = _recorded_settings(result)
-        settings = _read_overrides(job_dir) or recorded
+        settings = _settings(_read_overrides(job_dir), result)
         metrics = {k: float(v) for k, v in result.get("metrics", {}).items() if isinstance(v, int | float)}
         metrics.update(_eval_metrics(job_dir))
         seed = settings.get("seed", recorded["seed"])
@@ -322,11 +344,13 @@ def collect_runs(root: str | Path) -> list[Run]:
 
 
 def assign_variants(runs: list[Run]) -> None:
-    """Name each run's variant by the settings that differ between runs, seed left out."""
+    """Name each run's variant by the settings that differ between runs, seed left out: only those
+    the run sets (``default`` when it sets none of them; ``all runs`` when none differ)."""
     keys = sorted({k for run in runs for k in run.settings} - {"seed"})
     varying = [k for k in keys if len({run.settings.get(k) for run in runs}) > 1]
     for run in runs:
-        run.variant = " ".join(f"{k}={run.settings.get(k)}" for k in varying) or "all runs"
+        run.variant = (" ".join(f"{k}={run.settings[k]}" for k in varying if k in run.settings)
+                       or ("default" if varying else "all runs"))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -403,28 +427,64 @@ def summary_markdown(summaries: list[VariantSummary], root: str | Path, columns:
     )
 
 
-def summary_plot(summaries: list[VariantSummary], path: str | Path, columns: Sequence[Column] = COLUMNS) -> Path:
-    """Bar plot, one panel per plotted metric, one bar per variant with its std as error bar."""
+ZOOMED = ("test/map_cosine",)  # plotted as points on an axis fitted to the values: 0.92 vs 0.95 must show
+
+
+def _fitted_range(lows: list[float], highs: list[float]) -> tuple[float, float]:
+    """An axis range around ``[min(lows), max(highs)]`` with a margin (a cosine lies in [-1, 1])."""
+    lo, hi = min(lows), max(highs)
+    pad = max(0.15 * (hi - lo), 0.005)
+    return max(lo - pad, -1.0), min(hi + pad, 1.0)
+
+
+def summary_figure(summaries: list[VariantSummary], columns: Sequence[Column] = COLUMNS):
+    """One panel per plotted metric, one horizontal row per variant (its name on the left, so long
+    names never overlap), mean with the std as error bar. Percentages are bars from 0; the map
+    cosine is a point on an axis fitted to the values. A variant without the metric says so."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     shown = [c for c in columns if c.key in PLOTTED and any(c.key in s.stats for s in summaries)]
-    names = [s.variant.replace(" ", "\n") for s in summaries]
-    fig = Figure(figsize=(max(4.0, 1.1 * len(summaries) + 1.5) * max(1, len(shown)) / 1.6, 3.6),
-                 dpi=120, layout="constrained")
-    axes = fig.subplots(1, max(1, len(shown)), squeeze=False)[0]
-    colors = [f"C{i % 10}" for i in range(len(summaries))]
+    names = [s.variant for s in summaries]
+    label_inches = min(0.065 * max(len(n) for n in names) + 0.3, 4.0)
+    fig = Figure(figsize=(label_inches + 2.6 * max(1, len(shown)), 0.4 * len(summaries) + 1.1), dpi=120,
+                 layout="constrained")
+    fig.get_layout_engine().set(wspace=0.1)  # the edge tick labels of neighbouring panels apart
+    axes = fig.subplots(1, max(1, len(shown)), squeeze=False, sharey=True)[0]
+    rows = list(range(len(summaries)))
+    colors = [f"C{i % 10}" for i in rows]
     for ax, column in zip(axes, shown, strict=False):
-        means = [s.stats.get(column.key, (math.nan, None))[0] for s in summaries]
-        errs = [s.stats.get(column.key, (math.nan, None))[1] or 0.0 for s in summaries]
-        ax.bar(range(len(summaries)), means, yerr=errs, color=colors, capsize=4)
-        ax.set_xticks(range(len(summaries)), names, fontsize=7)
+        stats = [s.stats.get(column.key) for s in summaries]
+        have = [i for i in rows if stats[i] is not None]
+        means = [stats[i][0] for i in have]
+        errs = [stats[i][1] or 0.0 for i in have]
+        if column.key in ZOOMED:
+            ax.errorbar(means, have, xerr=errs, fmt="none", ecolor="black", capsize=4)
+            ax.scatter(means, have, c=[colors[i] for i in have], zorder=3)
+            ax.set_xlim(*_fitted_range([m - e for m, e in zip(means, errs, strict=True)],
+                                       [m + e for m, e in zip(means, errs, strict=True)]))
+        else:
+            ax.barh(have, means, xerr=errs, color=[colors[i] for i in have], capsize=4)
+        for i in rows:
+            if stats[i] is None:  # never a silent gap
+                ax.text(0.02, i, "no value", transform=ax.get_yaxis_transform(), va="center", fontsize=7,
+                        color="0.4")
         ax.set_title(column.header, fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(4))  # a few ticks: a narrow panel's labels never touch
+    axes[0].set_yticks(rows, names, fontsize=7)
+    axes[0].set_ylim(len(summaries) - 0.5, -0.5)  # the first variant on top
     if not shown:
-        axes[0].text(0.5, 0.5, "no metrics to plot", ha="center", va="center")
+        axes[0].text(0.5, 0.5, "no metrics to plot", ha="center", va="center", transform=axes[0].transAxes)
+    return fig
+
+
+def summary_plot(summaries: list[VariantSummary], path: str | Path, columns: Sequence[Column] = COLUMNS) -> Path:
+    """:func:`summary_figure` as a PNG at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    summary_figure(summaries, columns).savefig(path)
     return path
 
 
@@ -554,6 +614,7 @@ __all__ = [
     "markdown_table",
     "summarize_multirun",
     "summarize_runs",
+    "summary_figure",
     "summary_markdown",
     "summary_plot",
 ]

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill.errors import CheckpointError, ConfigError
 from distill.files import check_checkpoint_file
+from distill.labels import model_label
 
 if TYPE_CHECKING:
     import torch
@@ -39,6 +40,16 @@ class LoadedModel:
     @property
     def num_classes(self) -> int:
         return int(self.hparams["num_classes"])
+
+    @property
+    def label(self) -> str:
+        """The network's label, as train.py's tables and run names give it (``distill.labels``):
+        from the build spec the checkpoint records, else from its run's config node."""
+        spec = self.hparams.get("model") or self.hparams.get("student")
+        if not (isinstance(spec, dict) and spec.get("name") == self.name):
+            config = self.hparams.get("config") or {}
+            spec = config.get("teacher" if self.hparams.get("stage") == "teacher" else "student")
+        return model_label(spec if isinstance(spec, dict) and spec.get("name") == self.name else {"name": self.name})
 
 
 def load_model(path: str | Path, what: str = "checkpoint", trusted: bool = False) -> LoadedModel:
@@ -166,16 +177,17 @@ def open_session(cfg: DictConfig) -> Session:
 
 
 def _loader(session: Session, split: str, limit_batches: int | None):
-    """``(batches, number of batches)`` of the split: the data's loader, which goes through the
-    images in a fixed class-interleaved order (``BaseDataModule.test_images``), so that with
-    ``limit_batches`` its first batches still cover every class."""
+    """``(batches, number of batches, dataset)`` of the split: the data's loader, which goes
+    through the images in a fixed class-interleaved order (``BaseDataModule.test_images``), so
+    that with ``limit_batches`` its first batches still cover every class; ``dataset[i]`` is the
+    ``i``-th image the batches yield."""
     import itertools
 
     dm = session.datamodule
     loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
     if limit_batches is None or limit_batches >= len(loader):
-        return loader, len(loader)
-    return itertools.islice(loader, limit_batches), limit_batches
+        return loader, len(loader), loader.dataset
+    return itertools.islice(loader, limit_batches), limit_batches, loader.dataset
 
 
 def _dataset(session: Session, split: str):
@@ -187,12 +199,12 @@ def _describe(loaded: LoadedModel | None) -> dict | None:
     if loaded is None:
         return None
     h = loaded.hparams
-    return {"name": loaded.name, "checkpoint": str(loaded.path), "stage": h.get("stage"),
+    return {"name": loaded.name, "label": loaded.label, "checkpoint": str(loaded.path), "stage": h.get("stage"),
             "data": h.get("data_name"), "num_classes": loaded.num_classes}
 
 
 def _run_name(prefix: str, loaded: LoadedModel) -> str:
-    return f"{prefix}-{loaded.name}-{loaded.path.parent.parent.name or loaded.path.stem}-{loaded.path.stem}"
+    return f"{prefix}-{loaded.label}-{loaded.path.parent.parent.name or loaded.path.stem}-{loaded.path.stem}"
 
 
 # --------------------------------------------------------------------------- the two runs
@@ -336,7 +348,7 @@ def _evaluate_multilabel(cfg: DictConfig, session: Session, limit: int | None, s
     scores = ScoreAccumulator().to(session.device)
     ap = {prefix: task.score_metric().to(session.device) for prefix in ("", "teacher/")[: 1 + (teacher is not None)]}
     non_blocking = session.device.type == "cuda"
-    loader, _ = _loader(session, split, None if limit is None else int(limit))
+    loader, _, _ = _loader(session, split, None if limit is None else int(limit))
     num_images = 0
     for batch in loader:
         batch = [t.to(session.device, non_blocking=non_blocking) for t in batch]
@@ -394,7 +406,7 @@ def evaluate(cfg: DictConfig) -> dict:
     non_blocking = session.device.type == "cuda"
     from tqdm.auto import tqdm
 
-    loader, n_batches = _loader(session, split, None if limit is None else int(limit))
+    loader, n_batches, dataset = _loader(session, split, None if limit is None else int(limit))
     all_labels, correct = [], []  # for the pointing game's grids: the judged images' labels
     for batch in tqdm(loader, total=n_batches, desc=f"evaluate ({split})", unit="batch", dynamic_ncols=True,
                       disable=not cfg.get("progress_bar", True)):
@@ -412,7 +424,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if not metrics["num_images"]:
         raise ConfigError(f"the {split} split has no images to evaluate")
     if game is not None:
-        metrics.update(_pointing_game(session, loader.dataset, torch.cat(all_labels), torch.cat(correct), game,
+        metrics.update(_pointing_game(session, dataset, torch.cat(all_labels), torch.cat(correct), game,
                                       int(cfg.get("seed", 0)), missing))
     metrics["error_pct"] = 100.0 - metrics["accuracy_pct"]
     if "teacher/accuracy_pct" in metrics:
@@ -462,7 +474,7 @@ def visualize(cfg: DictConfig) -> Path:
     if cfg.get("logger"):
         from distill.loggers import log_results
 
-        caption = (f"{session.student.name}: image | "
+        caption = (f"{session.student.label}: image | "
                    + ("Grad-CAM++ of every positive class" if multilabel else
                       "teacher Grad-CAM | teacher Grad-CAM++ | student Grad-CAM++ | student Guided Grad-CAM++"
                       if teacher is not None else "Grad-CAM | Grad-CAM++ | Guided Grad-CAM++"))
