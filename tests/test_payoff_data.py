@@ -257,12 +257,14 @@ def test_teacher_data_root_is_another_folder_with_the_same_classes(compose, tmp_
     from distill.run import prepare_data, teacher_datamodule
 
     a, b = folder(tmp_path / "a"), folder(tmp_path / "b", n_train=2, seed=1)
-    cfg = compose(["experiment=smoke", "data=image_folder", f"data.root={b}", f"teacher_data.root={a}"])
+    cfg = compose(["experiment=smoke", "data=image_folder", f"data.root={b}", f"teacher_data.root={a}",
+                   "data.batch_size=2"])
     student = prepare_data(cfg)
     teacher_cfg, teacher = teacher_datamodule(cfg, student)
     assert Path(teacher.root) == a and Path(student.root) == b and teacher_cfg.data.root == str(a)
     folder(tmp_path / "c", classes=["cat", "dog", "fox"])
-    cfg = compose(["experiment=smoke", "data=image_folder", f"data.root={b}", f"teacher_data.root={tmp_path / 'c'}"])
+    cfg = compose(["experiment=smoke", "data=image_folder", f"data.root={b}", f"teacher_data.root={tmp_path / 'c'}",
+                   "data.batch_size=2"])
     with pytest.raises(ConfigError, match=r"has the classes \['cat', 'dog', 'fox'\].*same classes"):
         teacher_datamodule(cfg, prepare_data(cfg))
 

@@ -161,7 +161,7 @@ def test_evaluate_plays_the_pointing_game_on_the_first_batches(tmp_path, monkeyp
         "config": OmegaConf.to_container(train_cfg, resolve=True)}}, checkpoint)
     played = {}
 
-    def game(session, dataset, labels, correct, settings, seed):
+    def game(session, dataset, labels, correct, settings, seed, missing=None):
         played.update(labels=labels, dataset_labels=torch.as_tensor([int(dataset[i][1]) for i in range(len(labels))]))
         return {"pointing_game_2x2/gradcam_pct": 50.0}
 

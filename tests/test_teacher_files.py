@@ -110,7 +110,7 @@ def test_a_job_waits_for_the_teacher_another_job_is_training_then_reuses_it(tmp_
     thread.start()
     held.wait(10)
     with caplog.at_level("INFO", logger="distill"):
-        teacher, used = resolve_teacher(cfg, datamodule, train)
+        teacher, used, _ = resolve_teacher(cfg, datamodule, train)
     thread.join()
     assert published.is_set() and used == path
     assert "Another run is training the teacher" in caplog.text and f"Teacher: {path} (reused" in caplog.text
