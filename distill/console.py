@@ -72,8 +72,9 @@ def quiet_lightning() -> None:
             for handler in list(logger.handlers):
                 logger.removeHandler(handler)
             logger.propagate = True
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: "litlogger" not in record.getMessage())
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(  # also the re-tests' reloads (test_best)
+        lambda record: not any(noise in record.getMessage() for noise in (
+            "litlogger", "Restoring states from the checkpoint path", "Loaded model weights from the checkpoint")))
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the frozen teacher
     quiet_libraries()
 
