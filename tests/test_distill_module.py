@@ -550,7 +550,8 @@ def test_cat_and_e2kd_train_through_train_py_and_log_their_terms(tmp_path):
 def test_cat_with_a_student_whose_head_is_not_pool_plus_linear_stops_with_one_line(tmp_path):
     from tests.support import run_train
 
-    proc = run_train(["experiment=smoke", "logger=none", "kd=cat", "explain=none", "student=timm", "student.arch=mobilenetv3_small_050",
+    proc = run_train(["experiment=smoke", "logger=none", "kd=cat", "explain=none", "student=timm",
+                      "student.arch=mobilenetv3_small_050",
                       "data.image_size=32", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
                       "trainer.num_sanity_val_steps=0"], tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
